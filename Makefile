@@ -1,0 +1,36 @@
+# One virtual environment, created on demand. torch is pinned to the CPU build on local disk
+# when the venv has no torch, so the set-up never pulls a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.gradzip-installed
+TORCH ?= torch==2.13.0
+FASHION := /usr/share/datasets/fashion-mnist
+
+.PHONY: bench test lint data install clean
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test,triton,bench]"
+	@touch $@
+
+install: $(STAMP)
+
+# Fashion-MNIST ships in a Debian package; nothing is downloaded at run time.
+data:
+	@test -d $(FASHION) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
+
+bench: $(STAMP) data
+	$(PY) -m benchmarks.compressors
+
+test: $(STAMP)
+	$(PY) -m pytest -q -x -p no:cacheprovider
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check gradzip tests benchmarks
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV)

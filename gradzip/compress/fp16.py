@@ -1,0 +1,56 @@
+"""Half-precision casts (fp16, bf16): 2x smaller payloads that still add elementwise.
+
+fp16 overflows past 65504 (values beyond become Inf and are caught by the NaN/Inf check of
+the receiving side); bf16 keeps fp32's range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+
+from gradzip.compress.base import (
+    Compressor,
+    DenseCtx,
+    Payload,
+    Reduction,
+    as_float32_flat,
+    register,
+)
+
+__all__ = ["BF16", "FP16"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cast(Compressor):
+    reduction: ClassVar[Reduction] = Reduction.SUM
+    wire_dtype: ClassVar[torch.dtype]
+
+    def compress(
+        self, tensor: torch.Tensor, *, seed: int = 0, shared: torch.Tensor | None = None
+    ) -> tuple[Payload, DenseCtx]:
+        flat = tensor.reshape(-1)
+        if flat.dtype != self.wire_dtype:
+            flat = as_float32_flat(flat).to(self.wire_dtype)
+        return Payload((flat.contiguous(),)), DenseCtx(tensor.shape, tensor.dtype)
+
+    def decompress(self, payload: Payload, ctx: DenseCtx) -> torch.Tensor:
+        return payload[0].to(ctx.dtype).view(ctx.shape)
+
+
+@register("fp16")
+@dataclasses.dataclass(frozen=True)
+class FP16(_Cast):
+    """Cast to IEEE half precision (sum-reducible; beware of overflow past 65504)."""
+
+    wire_dtype: ClassVar[torch.dtype] = torch.float16
+
+
+@register("bf16")
+@dataclasses.dataclass(frozen=True)
+class BF16(_Cast):
+    """Cast to bfloat16 (fp32's exponent range, 8 bits of mantissa)."""
+
+    wire_dtype: ClassVar[torch.dtype] = torch.bfloat16

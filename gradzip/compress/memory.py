@@ -1,0 +1,99 @@
+"""Error feedback: per-key residuals added back before compression (Seide et al. 2014;
+Karimireddy et al. 2019, https://arxiv.org/abs/1901.09847).
+
+The pipeline reads: ``g = memory.compensate(key, grad)``; compress ``g``; ``memory.update(key,
+g, decompressed)``. Afterwards ``g == decompressed + residual[key]`` holds exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from gradzip.compress.base import CompressionError
+
+__all__ = ["Memory", "NoMemory", "ResidualMemory", "check_finite"]
+
+Key = str | int
+
+
+def check_finite(key: Key, tensor: torch.Tensor) -> None:
+    """Raise a CompressionError naming ``key`` when ``tensor`` holds a NaN or an Inf."""
+    if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        n_nan = int(torch.isnan(tensor).sum())
+        n_inf = int(torch.isinf(tensor).sum())
+        raise CompressionError(
+            f"gradient {key!r} has {n_nan} NaN and {n_inf} Inf values (of {tensor.numel()}); "
+            "it was not compressed and its error-feedback residual is unchanged"
+        )
+
+
+class Memory(Protocol):
+    """What the pipeline needs of a memory; see :class:`ResidualMemory`."""
+
+    def compensate(self, key: Key, grad: torch.Tensor) -> torch.Tensor: ...
+
+    def update(self, key: Key, compensated: torch.Tensor, decompressed: torch.Tensor) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class NoMemory:
+    """No error feedback: ``compensate`` returns the gradient (in fp32), ``update`` does nothing."""
+
+    def __init__(self, check: bool = True) -> None:
+        self.check = check
+
+    def compensate(self, key: Key, grad: torch.Tensor) -> torch.Tensor:
+        if self.check:
+            check_finite(key, grad)
+        return grad.to(torch.float32)
+
+    def update(self, key: Key, compensated: torch.Tensor, decompressed: torch.Tensor) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"NoMemory has no state, got keys {sorted(state)}")
+
+
+class ResidualMemory:
+    """Per-key fp32 residuals ``e``: ``compensate`` returns ``grad + e``; ``update`` sets
+    ``e = compensated - decompressed``.
+
+    A NaN/Inf gradient raises before the residual is touched, so one bad step cannot poison
+    all later ones.
+    """
+
+    def __init__(self, check: bool = True) -> None:
+        self.check = check
+        self.residuals: dict[Key, torch.Tensor] = {}
+
+    def compensate(self, key: Key, grad: torch.Tensor) -> torch.Tensor:
+        if self.check:
+            check_finite(key, grad)
+        residual = self.residuals.get(key)
+        if residual is None:
+            return grad.to(torch.float32, copy=True)
+        if residual.shape != grad.shape:
+            raise CompressionError(
+                f"gradient {key!r} has shape {tuple(grad.shape)} but its residual has shape "
+                f"{tuple(residual.shape)}; a key must always name a tensor of one shape"
+            )
+        return torch.add(residual, grad)
+
+    def update(self, key: Key, compensated: torch.Tensor, decompressed: torch.Tensor) -> None:
+        """Store ``compensated - decompressed``; ``compensated`` is consumed (reused in place)."""
+        self.residuals[key] = compensated.sub_(decompressed.to(torch.float32))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"residuals": {k: v.clone() for k, v in self.residuals.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.residuals = {k: v.clone().to(torch.float32) for k, v in state["residuals"].items()}
