@@ -1,6 +1,6 @@
 """WHAT is sent: pure tensor -> payload transforms, one algorithm per module."""
 
-from gradzip.compress import fp16, none  # noqa: F401  (registers the built-ins)
+from gradzip.compress import dgc, fp16, none, sfb, topk  # noqa: F401  (registers the built-ins)
 from gradzip.compress.base import (
     CompressionError,
     Compressor,

@@ -1,0 +1,265 @@
+"""Deep Gradient Compression (Lin et al. 2018, https://arxiv.org/abs/1712.01887).
+
+DGC sends the largest 0.1% of an accumulated *velocity* and keeps the rest locally, with
+the four techniques of the paper:
+
+- **momentum correction** (sec. 3.2): the momentum is accumulated before sparsification,
+  ``u = m*u + g; v = v + u``, and ``v`` is what gets sparsified. :class:`DGCMemory` keeps
+  ``u`` and ``v``, so the wrapped optimizer must run *without* momentum
+  (:func:`check_optimizer` says so when it does not).
+- **local gradient clipping** (sec. 3.2): each gradient is clipped before it is added to
+  ``u``, with the threshold ``clip_norm * world_size**-0.5``: the paper scales the global
+  threshold by ``N^(-1/2)`` because the sum of N independent local gradients has a norm about
+  ``sqrt(N)`` times larger. The memory sees one tensor at a time, so the norm is per tensor
+  (per key), not over the whole model.
+- **momentum factor masking** (sec. 3.3): where an entry was sent, both ``u`` and ``v`` are
+  zeroed (:meth:`DGCMemory.update`), so stale momentum does not push it again.
+- **warm-up** (sec. 3.4): the sparsity rises exponentially over the first epochs, by default
+  75% -> 93.75% -> 98.4% -> 99.6% -> 99.9% (:meth:`DGC.density`). The compressor is a
+  frozen value; the training loop (or the optimizer wrapper) calls ``dgc.at_epoch(e)`` at the
+  start of each epoch and compresses with the returned one.
+
+The threshold comes from a sample of the elements, as in the paper: see
+:func:`gradzip.compress.topk.sparsify_sampled` (at most k entries, the largest ones).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from gradzip.compress.base import (
+    CompressionError,
+    Compressor,
+    Payload,
+    Reduction,
+    as_float32_flat,
+    generator,
+    register,
+)
+from gradzip.compress.memory import Key, check_finite
+from gradzip.compress.topk import (
+    SELECTIONS,
+    SparseCtx,
+    check_ratio,
+    desparsify,
+    sparsify,
+    sparsify_sampled,
+    topk_count,
+)
+
+__all__ = ["DGC", "DGCMemory", "check_optimizer", "warmup_density"]
+
+
+def _check_momentum(momentum: float) -> None:
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise ValueError(f"dgc: momentum={momentum!r}; expected a number, 0 <= momentum < 1")
+    if not 0 <= momentum < 1:
+        raise ValueError(
+            f"dgc: momentum={momentum!r} is not allowed; expected 0 <= momentum < 1 (e.g. 0.9)"
+        )
+
+
+def warmup_density(epoch: float, ratio: float, warmup_epochs: int, warmup_ratio: float) -> float:
+    """The fraction of elements sent in ``epoch`` (0-based) under DGC's exponential warm-up.
+
+    During epoch ``e < warmup_epochs`` it is ``max(ratio, warmup_ratio ** (e + 1))``, after
+    that ``ratio``: with the defaults (0.25, 4 epochs, 0.001) the sparsity goes 75%, 93.75%,
+    98.4%, 99.6%, then 99.9%. The epoch is rounded down: it changes once per epoch.
+    """
+    e = math.floor(epoch)
+    if e >= warmup_epochs:
+        return ratio
+    return max(ratio, warmup_ratio ** (e + 1))
+
+
+class DGCMemory:
+    """DGC's local state per key: momentum ``u`` and velocity ``v`` (fp32).
+
+    ``compensate(key, g)`` clips ``g`` and returns the new velocity ``v + (m*u + g)``;
+    ``update(key, v, decompressed)`` stores it with momentum factor masking: ``u`` and ``v``
+    become 0 wherever ``decompressed`` is non-zero (what was sent), so afterwards
+    ``v == compensated - decompressed`` exactly for an fp32 payload. Nothing is stored until
+    ``update``: a NaN/Inf gradient raises in ``compensate`` and leaves ``u`` and ``v`` as they
+    were.
+    """
+
+    def __init__(
+        self, momentum: float = 0.9, clip_norm: float | None = None, check: bool = True
+    ) -> None:
+        _check_momentum(momentum)
+        if clip_norm is not None and not clip_norm > 0:
+            raise ValueError(f"DGCMemory: clip_norm={clip_norm!r}; expected None or > 0")
+        self.momentum = float(momentum)
+        self.clip_norm = clip_norm
+        self.check = check
+        self.momenta: dict[Key, torch.Tensor] = {}
+        self.velocities: dict[Key, torch.Tensor] = {}
+        self._pending: dict[Key, torch.Tensor] = {}  # new u, between compensate and update
+
+    def _state(self, key: Key, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        u, v = self.momenta.get(key), self.velocities.get(key)
+        if u is None or v is None:
+            zeros = torch.zeros(grad.shape, dtype=torch.float32, device=grad.device)
+            return zeros, zeros
+        if u.shape != grad.shape:
+            raise CompressionError(
+                f"gradient {key!r} has shape {tuple(grad.shape)} but its DGC state has shape "
+                f"{tuple(u.shape)}; a key must always name a tensor of one shape"
+            )
+        return u, v
+
+    def compensate(self, key: Key, grad: torch.Tensor) -> torch.Tensor:
+        """Clip ``grad``, accumulate momentum and velocity; return the new velocity (fp32)."""
+        if self.check:
+            check_finite(key, grad)
+        u, v = self._state(key, grad)
+        g = grad.to(torch.float32, copy=True)
+        if self.clip_norm is not None:
+            norm = float(torch.linalg.vector_norm(g))
+            if norm > self.clip_norm:
+                g.mul_(self.clip_norm / norm)
+        u_new = torch.add(g, u, alpha=self.momentum)
+        self._pending[key] = u_new
+        return torch.add(v, u_new)
+
+    def update(self, key: Key, compensated: torch.Tensor, decompressed: torch.Tensor) -> None:
+        """Store ``u`` and ``v`` zeroed where ``decompressed`` is non-zero (``compensated`` is
+        consumed)."""
+        u_new = self._pending.pop(key, None)
+        if u_new is None:
+            raise CompressionError(
+                f"DGCMemory.update({key!r}) without a compensate({key!r}) before it"
+            )
+        sent = decompressed.reshape(compensated.shape) != 0
+        self.momenta[key] = u_new.masked_fill_(sent, 0.0)
+        self.velocities[key] = compensated.to(torch.float32).masked_fill_(sent, 0.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "momentum": self.momentum,
+            "clip_norm": self.clip_norm,
+            "momenta": {k: t.clone() for k, t in self.momenta.items()},
+            "velocities": {k: t.clone() for k, t in self.velocities.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if float(state["momentum"]) != self.momentum or state["clip_norm"] != self.clip_norm:
+            raise ValueError(
+                f"DGC state was saved with momentum={state['momentum']}, clip_norm="
+                f"{state['clip_norm']}; this memory has momentum={self.momentum}, "
+                f"clip_norm={self.clip_norm}"
+            )
+        self.momenta = {k: t.clone().to(torch.float32) for k, t in state["momenta"].items()}
+        self.velocities = {k: t.clone().to(torch.float32) for k, t in state["velocities"].items()}
+        self._pending = {}
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Raise a ValueError when a param group of ``optimizer`` uses momentum.
+
+    DGC applies momentum itself (momentum correction); a second momentum in the optimizer
+    would apply it twice.
+    """
+    for i, group in enumerate(optimizer.param_groups):
+        momentum = group.get("momentum", 0)
+        if momentum:
+            raise ValueError(
+                f"DGC applies momentum itself (momentum correction), but param group {i} of "
+                f"{type(optimizer).__name__} has momentum={momentum}; build the optimizer with "
+                "momentum=0 (and nesterov=False) and pass the momentum to the DGC compressor"
+            )
+
+
+@register("dgc")
+@dataclasses.dataclass(frozen=True)
+class DGC(Compressor):
+    """Deep Gradient Compression (Lin et al. 2018, https://arxiv.org/abs/1712.01887).
+
+    Sparsifies the velocity returned by :class:`DGCMemory` (from :meth:`make_memory`);
+    payload ``(int32 indices, fp32 values)`` as top-k. See the module docstring for the four
+    techniques and where each lives.
+    """
+
+    reduction: ClassVar[Reduction] = Reduction.SPARSE
+    error_feedback = True  # the velocity keeps what was not sent
+
+    # what the user tunes
+    #: fraction of the elements sent after warm-up (0.001 = 99.9% sparsity)
+    ratio: float = 0.001
+    #: momentum of the momentum correction, 0 <= momentum < 1 (the optimizer's must be 0)
+    momentum: float = 0.9
+    #: global gradient-clipping threshold (None: no clipping); local = clip_norm / sqrt(N)
+    clip_norm: float | None = None
+    #: N, the number of ranks, for the N^(-1/2) scaling of clip_norm
+    world_size: int = 1
+    # warm-up
+    #: epochs of warm-up (0: none); the density in epoch e is warmup_ratio ** (e + 1)
+    warmup_epochs: int = 4
+    #: density of the first epoch (0.25 = 75% sparsity)
+    warmup_ratio: float = 0.25
+    #: the current epoch (from ``at_epoch``); None: warm-up over, send ``ratio``
+    epoch: float | None = None
+    # threshold selection
+    #: "sampled" (the paper's threshold from a sample) or "exact" (torch.topk)
+    selection: Literal["exact", "sampled"] = "sampled"
+    #: fraction of the elements sampled to estimate the threshold
+    sample_ratio: float = 0.01
+
+    def __post_init__(self) -> None:
+        check_ratio(self.ratio, owner="dgc")
+        check_ratio(self.warmup_ratio, "warmup_ratio", owner="dgc")
+        check_ratio(self.sample_ratio, "sample_ratio", owner="dgc")
+        _check_momentum(self.momentum)
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"dgc: clip_norm={self.clip_norm!r}; expected None or a number > 0")
+        if isinstance(self.world_size, bool) or not isinstance(self.world_size, int):
+            raise ValueError(f"dgc: world_size={self.world_size!r}; expected an int >= 1")
+        if self.world_size < 1:
+            raise ValueError(f"dgc: world_size={self.world_size!r}; expected an int >= 1")
+        if not isinstance(self.warmup_epochs, int) or self.warmup_epochs < 0:
+            raise ValueError(f"dgc: warmup_epochs={self.warmup_epochs!r}; expected an int >= 0")
+        if self.epoch is not None and not self.epoch >= 0:
+            raise ValueError(f"dgc: epoch={self.epoch!r}; expected None or a number >= 0")
+        if self.selection not in SELECTIONS:
+            raise ValueError(
+                f"dgc: selection={self.selection!r} is not allowed; expected one of {SELECTIONS}"
+            )
+
+    @property
+    def local_clip_norm(self) -> float | None:
+        """The clipping threshold each rank applies: ``clip_norm * world_size ** -0.5``."""
+        return None if self.clip_norm is None else self.clip_norm / math.sqrt(self.world_size)
+
+    def density(self, epoch: float | None = None) -> float:
+        """Fraction sent in ``epoch`` (default: this compressor's epoch); see warmup_density."""
+        epoch = self.epoch if epoch is None else epoch
+        if epoch is None:
+            return self.ratio
+        return warmup_density(epoch, self.ratio, self.warmup_epochs, self.warmup_ratio)
+
+    def at_epoch(self, epoch: float) -> DGC:
+        """This compressor in training epoch ``epoch`` (0-based): applies the warm-up."""
+        return dataclasses.replace(self, epoch=float(epoch))
+
+    def make_memory(self) -> DGCMemory:
+        return DGCMemory(momentum=self.momentum, clip_norm=self.local_clip_norm)
+
+    def compress(
+        self, tensor: torch.Tensor, *, seed: int = 0, shared: torch.Tensor | None = None
+    ) -> tuple[Payload, SparseCtx]:
+        """Sparsify ``tensor`` (the velocity from ``DGCMemory.compensate``)."""
+        flat = as_float32_flat(tensor)
+        k = topk_count(self.density(), flat.numel())
+        if self.selection == "exact":
+            idx, vals = sparsify(flat, k)
+        else:
+            gen = generator(seed, flat.device)
+            idx, vals = sparsify_sampled(flat, k, sample_ratio=self.sample_ratio, gen=gen)
+        return Payload((idx, vals)), SparseCtx(tensor.shape, tensor.dtype, flat.numel())
+
+    def decompress(self, payload: Payload, ctx: SparseCtx) -> torch.Tensor:
+        return desparsify(payload[0], payload[1], ctx.numel).to(ctx.dtype).view(ctx.shape)

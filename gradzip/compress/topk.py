@@ -1,0 +1,214 @@
+"""Top-k sparsification (Aji & Heafield 2017, https://arxiv.org/abs/1704.05021).
+
+Only the ``k = ceil(ratio * n)`` entries of largest magnitude are sent, as a pair
+``(int32 indices, fp32 values)``: ``k * 8`` bytes on the wire. Error feedback (on by default)
+keeps the unsent part and adds it to the next gradient, so nothing is lost, only delayed.
+
+The pure functions :func:`sparsify`, :func:`sparsify_sampled` and :func:`desparsify` are shared
+with the sparse allreduce and with DGC.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import decimal
+import math
+from typing import ClassVar, Literal, NamedTuple
+
+import torch
+
+from gradzip.compress.base import (
+    CompressionError,
+    Compressor,
+    Payload,
+    Reduction,
+    as_float32_flat,
+    generator,
+    register,
+)
+
+__all__ = [
+    "SparseCtx",
+    "TopK",
+    "check_ratio",
+    "desparsify",
+    "sparsify",
+    "sparsify_sampled",
+    "topk_count",
+]
+
+INDEX_LIMIT = 2**31 - 1  # indices travel as int32
+SELECTIONS = ("exact", "sampled")
+MIN_SAMPLE = 256  # a smaller sample gives too noisy a threshold to be worth it
+
+
+class SparseCtx(NamedTuple):
+    """What stays local for a sparse payload: how to rebuild the dense tensor."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    numel: int
+
+
+def check_ratio(value: float, option: str = "ratio", owner: str = "topk") -> None:
+    """Raise a ValueError unless ``0 < value <= 1`` (a density, not a sparsity)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(
+            f"{owner}: {option}={value!r} is not allowed; expected a fraction of the elements "
+            "to send, 0 < ratio <= 1 (e.g. 0.01 sends 1%)"
+        )
+
+
+def topk_count(ratio: float, n: int) -> int:
+    """``ceil(ratio * n)``, at least 1 when ``n >= 1`` and 0 for an empty tensor.
+
+    The product is taken in decimal, so ``topk_count(0.07, 100)`` is 7, not 8.
+    """
+    if n <= 0:
+        return 0
+    k = math.ceil(decimal.Decimal(repr(float(ratio))) * n)
+    return min(n, max(1, k))
+
+
+def _check_flat(flat: torch.Tensor, k: int) -> None:
+    if flat.dim() != 1:
+        raise CompressionError(f"expected a flat tensor, got shape {tuple(flat.shape)}")
+    if not 0 <= k <= flat.numel():
+        raise CompressionError(f"k={k} is not allowed for {flat.numel()} elements: 0 <= k <= n")
+    if flat.numel() > INDEX_LIMIT:
+        raise CompressionError(
+            f"tensor has {flat.numel()} elements; int32 indices allow at most {INDEX_LIMIT}"
+        )
+
+
+def sparsify(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` entries of largest magnitude of a flat tensor: ``(int32 indices, fp32 values)``.
+
+    Exact (``torch.topk``). Among equal magnitudes at the cut, which ones are kept is up to
+    ``torch.topk``; the indices are unique, in no particular order.
+    """
+    _check_flat(flat, k)
+    flat = flat.to(torch.float32)
+    idx = torch.topk(flat.abs(), k, sorted=False).indices
+    return idx.to(torch.int32), flat[idx]
+
+
+def _sampled_indices(
+    mag: torch.Tensor, k: int, sample_size: int, gen: torch.Generator, rounds: int
+) -> torch.Tensor:
+    """Indices of entries above a threshold estimated from a sample (int64, at most k)."""
+    n = mag.numel()
+    picks = torch.randint(n, (sample_size,), generator=gen, device=mag.device)
+    ordered = torch.sort(mag[picks], descending=True).values
+    rank = math.ceil(k * sample_size / n)
+    for _ in range(rounds):
+        idx = torch.nonzero(mag >= ordered[rank - 1]).squeeze(1)
+        if idx.numel() >= k or rank == sample_size:
+            break
+        rank = min(sample_size, 2 * rank)  # the sample over-estimated: lower the threshold
+    if idx.numel() > k:  # too many: the exact top-k of the (few) selected ones
+        idx = idx[torch.topk(mag[idx], k, sorted=False).indices]
+    return idx
+
+
+def sparsify_sampled(
+    flat: torch.Tensor,
+    k: int,
+    *,
+    sample_ratio: float = 0.01,
+    gen: torch.Generator | None = None,
+    rounds: int = 3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k through a threshold estimated from a random sample (Lin et al. 2018, sec. 3).
+
+    A sample of ``max(256, ceil(sample_ratio * n))`` magnitudes (drawn with replacement from
+    ``gen``) gives a threshold: its ``ceil(k * s / n)``-th largest. Every entry at or above it
+    is selected; if that is more than ``k``, an exact top-k over the selected ones keeps ``k``.
+    If it is fewer, the threshold is lowered (twice the sample rank) up to ``rounds`` times.
+
+    Result: **at most k** entries, and always the largest ones (every selected magnitude is
+    >= every unselected one). Whenever the count reaches ``k`` the set is that of
+    :func:`sparsify`; fewer than ``k`` happens only when ``rounds`` threshold guesses all
+    fall short, which is rare. Tensors no larger than the sample use :func:`sparsify`.
+    """
+    _check_flat(flat, k)
+    n = flat.numel()
+    sample_size = max(MIN_SAMPLE, math.ceil(sample_ratio * n))
+    if k == 0 or k == n or sample_size >= n:
+        return sparsify(flat, k)
+    flat = flat.to(torch.float32)
+    if gen is None:
+        gen = generator(0, flat.device)
+    idx = _sampled_indices(flat.abs(), k, sample_size, gen, max(1, rounds))
+    return idx.to(torch.int32), flat[idx]
+
+
+def desparsify(indices: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
+    """A dense fp32 tensor of ``n`` zeros with ``values`` added at ``indices``.
+
+    Repeated indices add up, so the concatenated payloads of several ranks desparsify to
+    their sum in one call.
+    """
+    if indices.dim() != 1 or values.dim() != 1 or indices.numel() != values.numel():
+        raise CompressionError(
+            f"sparse payload needs flat indices and values of one length, got "
+            f"{tuple(indices.shape)} and {tuple(values.shape)}"
+        )
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise CompressionError(f"sparse indices have dtype {indices.dtype}; expected torch.int32")
+    out = torch.zeros(n, dtype=torch.float32, device=values.device)
+    if indices.numel():
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= n:
+            raise CompressionError(
+                f"sparse index range [{lo}, {hi}] does not fit a tensor of {n} elements"
+            )
+        out.index_add_(0, indices.long(), values.to(torch.float32))
+    return out
+
+
+@register("topk")
+@dataclasses.dataclass(frozen=True)
+class TopK(Compressor):
+    """Top-k sparsification (Aji & Heafield 2017, https://arxiv.org/abs/1704.05021).
+
+    Sends the ``ceil(ratio * n)`` largest magnitudes as ``(int32 indices, fp32 values)``.
+    ``selection="exact"`` uses ``torch.topk``; ``"sampled"`` estimates a threshold from a
+    random sample first (see :func:`sparsify_sampled`: at most k entries, the largest ones).
+    """
+
+    reduction: ClassVar[Reduction] = Reduction.SPARSE
+
+    #: fraction of the elements sent, 0 < ratio <= 1
+    ratio: float = 0.01
+    #: "exact" (torch.topk) or "sampled" (threshold from a sample, then refined)
+    selection: Literal["exact", "sampled"] = "exact"
+    #: fraction of the elements sampled to estimate the threshold (selection="sampled")
+    sample_ratio: float = 0.01
+    #: keep the unsent part as a residual and add it to the next gradient
+    error_feedback: bool = True
+
+    def __post_init__(self) -> None:
+        check_ratio(self.ratio)
+        check_ratio(self.sample_ratio, "sample_ratio")
+        if self.selection not in SELECTIONS:
+            raise ValueError(
+                f"topk: selection={self.selection!r} is not allowed; expected one of {SELECTIONS}"
+            )
+        if not isinstance(self.error_feedback, bool):
+            raise ValueError(f"topk: error_feedback={self.error_feedback!r}; expected a bool")
+
+    def compress(
+        self, tensor: torch.Tensor, *, seed: int = 0, shared: torch.Tensor | None = None
+    ) -> tuple[Payload, SparseCtx]:
+        flat = as_float32_flat(tensor)
+        k = topk_count(self.ratio, flat.numel())
+        if self.selection == "exact":
+            idx, vals = sparsify(flat, k)
+        else:
+            gen = generator(seed, flat.device)
+            idx, vals = sparsify_sampled(flat, k, sample_ratio=self.sample_ratio, gen=gen)
+        return Payload((idx, vals)), SparseCtx(tensor.shape, tensor.dtype, flat.numel())
+
+    def decompress(self, payload: Payload, ctx: SparseCtx) -> torch.Tensor:
+        return desparsify(payload[0], payload[1], ctx.numel).to(ctx.dtype).view(ctx.shape)
