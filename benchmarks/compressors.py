@@ -1,0 +1,348 @@
+"""Every registered compressor on the real gradients of a small CNN learning Fashion-MNIST.
+
+``python -m benchmarks.compressors`` (run by ``make bench``) trains :class:`SmallCNN` with plain
+SGD in one process and, at every step, runs each compressor's pipeline (its own memory:
+compensate -> compress -> decompress -> update) on the real per-layer gradients; training
+itself uses the dense gradients, so every compressor sees the same gradient stream. At a few
+checkpoint steps it also measures bytes, error and speed; :mod:`benchmarks.measure` defines
+each figure. It prints one table row per compressor (and per option variant that matters:
+QSGD 4- and 8-bit, TernGrad 2-bit and base-3 packing, top-k 1% with and without error
+feedback, DGC 0.1%), and writes the table to ``benchmarks/results/compressors.{md,csv}`` and
+into README.md between ``<!-- bench:compressors -->`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.data import Dataset, load_image_dataset
+from benchmarks.measure import FactorCapture, Tally, median_ns
+from benchmarks.models import SmallCNN
+from benchmarks.report import machine_line, markdown_table, update_block, write_csv
+from gradzip import available, compressor
+
+__all__ = ["HEADERS", "VARIANTS", "BenchConfig", "BenchResult", "bench_specs", "main", "run"]
+
+ROOT = Path(__file__).resolve().parents[1]
+#: option variants measured next to each compressor's defaults (skipped when not registered)
+VARIANTS = (
+    "qsgd:levels=7",
+    "qsgd:levels=127",
+    "terngrad:packing=2bit",
+    "terngrad:packing=base3",
+    "topk:ratio=0.01",
+    "topk:ratio=0.01,error_feedback=False",
+    "dgc:ratio=0.001",
+)
+#: row order of the known compressors (others follow, alphabetically)
+ORDER = ("none", "fp16", "bf16", "onebit", "qsgd", "terngrad", "topk", "dgc", "sfb")
+HEADERS = (
+    "compressor",
+    "reduction",
+    "memory",
+    "tensors",
+    "ratio",
+    "error",
+    "drift",
+    "compress/clone",
+    "decompress/clone",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """What to train and measure; the defaults are what ``make bench`` runs."""
+
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 0.05
+    checkpoints: int = 3  # evenly spaced, the last one at the final step
+    repeats: int = 7  # timing repeats per tensor (median)
+    seed: int = 0
+    train_limit: int | None = None  # use only the first N training images
+    test_limit: int | None = None
+    specs: tuple[str, ...] | None = None  # None: bench_specs()
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "checkpoints", "repeats"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}; expected an int >= 1")
+        if self.checkpoints > self.steps:
+            raise ValueError(f"checkpoints={self.checkpoints} must be <= steps={self.steps}")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r}; expected a number > 0")
+
+    def checkpoint_steps(self) -> list[int]:
+        return sorted(
+            {math.ceil(self.steps * (i + 1) / self.checkpoints) for i in range(self.checkpoints)}
+        )
+
+
+@dataclasses.dataclass
+class BenchResult:
+    """The table rows (cells in HEADERS order) and what the run was."""
+
+    rows: list[list[str | int | float]]
+    accuracy: float
+    dataset: str
+    test_size: int
+    parameters: int
+    seconds: float
+    config: BenchConfig
+    notes: list[str]
+
+
+def bench_specs(variants: Sequence[str] = VARIANTS) -> tuple[list[str], list[str]]:
+    """(specs to measure, notes): each registered compressor with its defaults, then the
+    variants of registered ones. A variant equal to a default replaces its label; one whose
+    options do not parse is left out with a note."""
+    specs, built, notes = [], [], []
+    names = available()
+    names = [n for n in ORDER if n in names] + [n for n in names if n not in ORDER]
+    for name in names:
+        specs.append(name)
+        built.append(compressor(name))
+    for spec in variants:
+        name = spec.partition(":")[0]
+        if name not in names:
+            continue
+        try:
+            comp = compressor(spec)
+        except ValueError as err:
+            notes.append(f"variant {spec!r} left out: {err}")
+            continue
+        if comp in built:
+            i = built.index(comp)
+            specs[i] = spec if specs[i] == name else specs[i]
+        else:  # after the last row of the same compressor
+            i = max(j for j, s in enumerate(specs) if s.partition(":")[0] == name)
+            specs.insert(i + 1, spec)
+            built.insert(i + 1, comp)
+    return specs, notes
+
+
+def _batches(n: int, batch: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    while True:
+        order = torch.randperm(n, generator=gen)
+        for i in range(0, n - batch + 1, batch):
+            yield order[i : i + batch]
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: Dataset, batch: int = 1000) -> float:
+    """Top-1 accuracy on ``data``."""
+    model.eval()
+    correct = sum(
+        int((model(data.x[i : i + batch]).argmax(1) == data.y[i : i + batch]).sum())
+        for i in range(0, len(data.y), batch)
+    )
+    model.train()
+    return correct / max(1, len(data.y))
+
+
+def _row(t: Tally, n_tensors: int) -> list[str | int | float]:
+    tensors = f"all {n_tensors}"
+    if t.factors:
+        tensors = f"Linear only ({len(t.keys)} of {n_tensors}; conv: n/a)"
+    return [
+        t.label,
+        t.comp.reduction.value,
+        t.memory_name,
+        tensors,
+        t.ratio,
+        t.error,
+        t.drift,
+        t.compress_ns / t.clone_ns,
+        t.decompress_ns / t.clone_ns,
+    ]
+
+
+def run(config: BenchConfig = BenchConfig(), progress: bool = False) -> BenchResult:
+    """Train, run every compressor's pipeline on the gradients, return the table."""
+    start = time.perf_counter()
+    train = load_image_dataset("train", config.train_limit)
+    test = load_image_dataset("test", config.test_limit)
+    if len(train.y) < config.batch_size:
+        raise ValueError(f"batch_size={config.batch_size} > {len(train.y)} training images")
+    specs, notes = (list(config.specs), []) if config.specs else bench_specs()
+    tallies = [Tally(spec, compressor(spec), config.seed) for spec in specs]
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        model = SmallCNN(tuple(train.x.shape[1:]), train.num_classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+    capture = FactorCapture(model) if any(t.factors for t in tallies) else None
+    batches = _batches(len(train.y), config.batch_size, torch.Generator().manual_seed(config.seed))
+    checkpoints = set(config.checkpoint_steps())
+    try:
+        for step in range(1, config.steps + 1):
+            idx = next(batches)
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(train.x[idx]), train.y[idx])
+            loss.backward()
+            grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+            clone_ns = None
+            if step in checkpoints:
+                clone_ns = {k: median_ns(g.clone, config.repeats) for k, g in grads.items()}
+            factors = capture.factors() if capture else None
+            for t in tallies:
+                t.step(step, grads, factors, clone_ns, config.repeats)
+            optimizer.step()
+            if progress and (step in checkpoints or step % 50 == 0):
+                print(
+                    f"step {step}/{config.steps}  loss {loss.item():.3f}  "
+                    f"{time.perf_counter() - start:.0f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    finally:
+        if capture:
+            capture.close()
+    accuracy = evaluate(model, test)
+    n_tensors = len(list(model.parameters()))
+    rows = [_row(t, n_tensors) for t in tallies]
+    parameters = sum(p.numel() for p in model.parameters())
+    return BenchResult(
+        rows,
+        accuracy,
+        train.name,
+        len(test.y),
+        parameters,
+        time.perf_counter() - start,
+        config,
+        notes,
+    )
+
+
+def render(result: BenchResult, command: str) -> str:
+    """The markdown report: what ran, the table, what each column means."""
+    c = result.config
+    lines = [
+        f"Compressors on the real gradients of a small CNN ({result.parameters:,} parameters) "
+        f"trained on {result.dataset} for {c.steps} steps of plain SGD (batch {c.batch_size}, "
+        f"lr {c.lr}, seed {c.seed}); test accuracy **{100 * result.accuracy:.2f}%** on "
+        f"{result.test_size:,} test images. Measured at steps "
+        f"{', '.join(map(str, c.checkpoint_steps()))}; run took {result.seconds:.0f} s.",
+        "",
+        f"Command: `{command}`. Machine: {machine_line()}.",
+        "",
+        markdown_table(HEADERS, result.rows),
+        "- **ratio**: dense bytes / `payload.nbytes`, summed over the tensors of the checkpoint "
+        "steps (measured, not computed from the method).",
+        "- **error**: `||x - D(C(x))|| / ||x||` over all tensors of a step, averaged over the "
+        "checkpoints; `x` is what the compressor is given in the pipeline: the gradient plus "
+        "the error-feedback residual (ResidualMemory), DGC's velocity (DGCMemory), or the "
+        "gradient itself (NoMemory). The memory ran from step 1 (compensate -> compress -> "
+        "update), on the gradients of the dense run.",
+        "- **drift**: `||sum_t r_t - sum_t D(C(x_t))|| / ||sum_t r_t||` over all steps: how far "
+        "the sum of the updates a compressor would apply has strayed from the dense ones "
+        "(`r_t` = the gradient; for DGC the momentum-SGD velocity with its momentum). Error "
+        "feedback keeps it small even where the per-step error is large.",
+        "- **compress/clone**, **decompress/clone**: median time of compress (with "
+        "`shared_stat`) and of decompress, summed over tensors, divided by that of "
+        "`g.clone()` on the same tensors in the same run (one thread, CPU).",
+        "- **sfb** sends the factors (X, dY) of the Linear layers only (weight and bias); conv "
+        "layers have no such factors, so its ratio, error and times cover the Linear layers.",
+        "- **dgc** is measured after its warm-up (density = ratio); the warm-up spans epochs, "
+        "longer than this run.",
+    ]
+    lines += [f"- {note}" for note in result.notes]
+    return "\n".join(lines) + "\n"
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = BenchConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.compressors",
+        description="Compression ratio, error and speed of every registered gradzip compressor "
+        "on the real gradients of a small CNN trained on Fashion-MNIST.",
+    )
+    p.add_argument("--steps", type=int, default=d.steps, help="SGD steps (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of init, batches, compressors")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument(
+        "--checkpoints",
+        type=int,
+        default=d.checkpoints,
+        help="measuring steps, evenly spaced (default %(default)s)",
+    )
+    p.add_argument("--repeats", type=int, default=d.repeats, help="timing repeats (median)")
+    p.add_argument("--train-limit", type=int, default=None, help="use the first N train images")
+    p.add_argument("--test-limit", type=int, default=None, help="use the first N test images")
+    p.add_argument(
+        "--compressors",
+        default=None,
+        help="';'-separated specs, e.g. 'none;topk:ratio=0.01' (default: every "
+        "registered compressor and the variants " + ", ".join(VARIANTS) + ")",
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "benchmarks" / "results",
+        help="folder for compressors.md and compressors.csv",
+    )
+    p.add_argument(
+        "--readme",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="replace the block between <!-- bench:compressors --> markers in "
+        "README.md (default on; skipped with a note when the markers are missing)",
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: run, print the table, write md/csv (and the README block)."""
+    args = _parser().parse_args(argv)
+    if args.threads < 1:
+        raise SystemExit(f"--threads={args.threads}; expected an int >= 1")
+    torch.set_num_threads(args.threads)
+    specs = (
+        tuple(s.strip() for s in args.compressors.split(";") if s.strip())
+        if args.compressors
+        else None
+    )
+    try:
+        config = BenchConfig(
+            args.steps,
+            args.batch_size,
+            args.lr,
+            args.checkpoints,
+            args.repeats,
+            args.seed,
+            args.train_limit,
+            args.test_limit,
+            specs,
+        )
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    result = run(config, progress=True)
+    command = "python -m benchmarks.compressors " + " ".join(sys.argv[1:] if argv is None else argv)
+    report = render(result, command.strip())
+    print(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "compressors.md").write_text(report)
+    write_csv(args.out / "compressors.csv", HEADERS, result.rows)
+    print(f"wrote {args.out / 'compressors.md'} and {args.out / 'compressors.csv'}")
+    if args.readme:
+        readme = ROOT / "README.md"
+        if update_block(readme, "compressors", report):
+            print(f"updated the compressors block of {readme}")
+        else:
+            print(f"note: {readme} has no <!-- bench:compressors --> markers; left unchanged")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
