@@ -101,11 +101,13 @@ def _sampled_indices(
     picks = torch.randint(n, (sample_size,), generator=gen, device=mag.device)
     ordered = torch.sort(mag[picks], descending=True).values
     rank = math.ceil(k * sample_size / n)
-    for _ in range(rounds):
-        idx = torch.nonzero(mag >= ordered[rank - 1]).squeeze(1)
-        if idx.numel() >= k or rank == sample_size:
+    mask = mag >= ordered[rank - 1]
+    for _ in range(rounds - 1):
+        if rank == sample_size or int(mask.sum()) >= k:
             break
         rank = min(sample_size, 2 * rank)  # the sample over-estimated: lower the threshold
+        mask = mag >= ordered[rank - 1]
+    idx = torch.nonzero(mask).squeeze(1)
     if idx.numel() > k:  # too many: the exact top-k of the (few) selected ones
         idx = idx[torch.topk(mag[idx], k, sorted=False).indices]
     return idx
