@@ -136,7 +136,7 @@ class TorchDistBackend:
         self._record("allgather", nbytes(padded))
         work = dist.all_gather(out, padded, group=self.group, async_op=True)
         return MappedWork(
-            _TorchWork(work, out), lambda parts: [p[:s] for p, s in zip(parts, sizes)]
+            _TorchWork(work, out), lambda parts: [p[:s] for p, s in zip(parts, sizes, strict=True)]
         )
 
     def alltoall(self, tensors: Sequence[torch.Tensor]) -> Work[list[torch.Tensor]]:
@@ -149,7 +149,9 @@ class TorchDistBackend:
             check_flat(t, "alltoall")
         dtypes = {t.dtype for t in tensors}
         if len(dtypes) != 1:
-            raise ValueError(f"alltoall tensors must share one dtype, got {sorted(map(str, dtypes))}")
+            raise ValueError(
+                f"alltoall tensors must share one dtype, got {sorted(map(str, dtypes))}"
+            )
         send_sizes = [t.numel() for t in tensors]
         mine = torch.tensor(send_sizes, dtype=torch.int64, device=self._device)
         theirs = torch.empty_like(mine)

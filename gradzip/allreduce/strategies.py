@@ -1,0 +1,431 @@
+"""Reduce compressed payloads over ranks, one strategy per :class:`Reduction` kind.
+
+| kind | strategy | bytes sent per rank (payload of n elements, ratio r, P ranks) |
+|---|---|---|
+| SUM | :class:`AllreduceStrategy`: the payloads themselves are allreduced | ``2(P-1)/P·n/r`` |
+| GATHER | :class:`AllgatherStrategy`: gather all payloads, decompress each, sum | ``(P-1)·n/r`` |
+| GATHER | :class:`ScatterGatherStrategy`: two-phase compressed allreduce | ``< 2·n/r`` |
+| SPARSE | :class:`AllgatherStrategy` or :class:`SparseStrategy` (``sparse.py``) | |
+| FACTORS | :class:`AllgatherStrategy`: gather factors, one matmul (SFB) | |
+
+A strategy reduces one *bucket* (a list of :class:`Entry`) with one collective per phase;
+``fusion.Reducer`` cuts a model's gradients into buckets. Every strategy returns, per entry,
+the sum over ranks (divided by the world size when ``average``) and this rank's own
+decompressed payload (``local``, for the worker's error-feedback update
+``residual = compensated - local``). All ranks get bit-identical results: every sum is taken
+in rank order, or by the engine.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from gradzip.allreduce.backend import Backend, DoneWork, MappedWork, ReduceOp, Work
+from gradzip.allreduce.fusion import BucketItem, check_consistent, pack, unpack
+from gradzip.allreduce.sparse import sparse_allreduce
+from gradzip.compress.base import (
+    CompressionError,
+    Compressor,
+    Payload,
+    Reduction,
+    derive_seed,
+)
+from gradzip.compress.memory import NoMemory, ResidualMemory
+
+__all__ = [
+    "AllgatherStrategy",
+    "AllreduceStrategy",
+    "Entry",
+    "Reduced",
+    "ScatterGatherStrategy",
+    "SparseStrategy",
+    "Strategy",
+    "strategy_for",
+]
+
+Key = str | int
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One tensor of a bucket: its key and the (compensated) gradient, or a payload and ctx
+    compressed beforehand (SFB factors, which a finished gradient does not hold)."""
+
+    key: Key
+    tensor: torch.Tensor | None = None
+    payload: Payload | None = None
+    ctx: Any = None
+
+    def __post_init__(self) -> None:
+        if (self.tensor is None) == (self.payload is None):
+            raise ValueError(f"entry {self.key!r} needs either a tensor or a payload (not both)")
+
+    def item(self) -> BucketItem:
+        """(key, numel, dtype) for the consistency check; the ctx for precompressed entries."""
+        if self.tensor is not None:
+            return (self.key, self.tensor.numel(), str(self.tensor.dtype))
+        return (self.key, -1, repr(self.ctx))
+
+
+@dataclasses.dataclass(frozen=True)
+class Reduced:
+    """The result for one entry: ``reduced`` (sum or mean over ranks, input shape and dtype)
+    and ``local`` (this rank's decompressed payload; None when the compressor keeps no
+    error feedback)."""
+
+    reduced: torch.Tensor
+    local: torch.Tensor | None
+
+
+def agree_shared(
+    backend: Backend, compressor: Compressor, tensors: Sequence[torch.Tensor]
+) -> list[torch.Tensor | None]:
+    """The MAX over ranks of ``compressor.shared_stat`` of each tensor (one allreduce), so all
+    ranks compress with the same scaler (TernGrad); Nones when the compressor has none."""
+    stats = [compressor.shared_stat(t) for t in tensors]
+    if not stats or all(s is None for s in stats):
+        return [None] * len(tensors)
+    if any(s is None for s in stats):
+        raise CompressionError(f"{compressor.spec()}: shared_stat returned None for some tensors")
+    flat = torch.stack([s.reshape(()).to(torch.float32) for s in stats if s is not None])
+    agreed = backend.allreduce(flat, ReduceOp.MAX).wait()
+    return list(agreed.unbind())
+
+
+def _compress(
+    backend: Backend, compressor: Compressor, entries: Sequence[Entry], seed: int, step: int
+) -> tuple[list[Payload], list[Any]]:
+    """Payload and ctx of every entry (precompressed ones pass through)."""
+    todo = [(e.key, e.tensor) for e in entries if e.tensor is not None]
+    agreed = agree_shared(backend, compressor, [t for _, t in todo])
+    shared = {key: s for (key, _), s in zip(todo, agreed, strict=True)}
+    payloads, ctxs = [], []
+    for e in entries:
+        if e.tensor is None:
+            payload, ctx = e.payload, e.ctx
+        else:
+            s = derive_seed(seed, step, e.key, backend.rank)
+            payload, ctx = compressor.compress(e.tensor, seed=s, shared=shared[e.key])
+        payloads.append(payload)
+        ctxs.append(ctx)
+    return payloads, ctxs  # type: ignore[return-value]
+
+
+class Strategy(abc.ABC):
+    """Reduce a bucket of entries over ranks; see the module docstring.
+
+    ``average``: divide the sum by the world size. ``verify``: compare a fingerprint of the
+    bucket across ranks first (one tiny allreduce) and fail with a message naming the key
+    when ranks disagree, instead of hanging or mixing up bytes.
+    """
+
+    name: ClassVar[str]
+    kinds: ClassVar[tuple[Reduction, ...]]
+
+    def __init__(self, *, average: bool = True, verify: bool = True) -> None:
+        self.average = average
+        self.verify = verify
+
+    def start(
+        self,
+        backend: Backend,
+        compressor: Compressor,
+        entries: Sequence[Entry],
+        *,
+        seed: int = 0,
+        step: int = 0,
+    ) -> Work[list[Reduced]]:
+        """Compress and launch; ``wait()`` gives one :class:`Reduced` per entry, in order."""
+        if compressor.reduction not in self.kinds:
+            allowed = ", ".join(k.name for k in self.kinds)
+            raise CompressionError(
+                f"strategy {self.name!r} reduces {allowed} payloads; compressor "
+                f"{compressor.spec()!r} is {compressor.reduction.name}"
+            )
+        if self.verify:
+            items = [e.item() for e in entries]
+            check_consistent(backend, items, f"{self.name} {compressor.spec()}")
+        return self._start(backend, compressor, list(entries), seed, step)
+
+    @abc.abstractmethod
+    def _start(
+        self, backend: Backend, c: Compressor, entries: list[Entry], seed: int, step: int
+    ) -> Work[list[Reduced]]: ...
+
+    def _finish(self, total: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
+        return (total / size if self.average else total).to(dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Strategy state for a checkpoint (server-side residuals); empty for most."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"strategy {self.name!r} has no state, got keys {sorted(state)}")
+
+
+def _locals(c: Compressor, payloads: list[Payload], ctxs: list[Any]) -> list[torch.Tensor | None]:
+    if not c.error_feedback:
+        return [None] * len(payloads)
+    return [c.decompress(p, x) for p, x in zip(payloads, ctxs, strict=True)]
+
+
+class AllreduceStrategy(Strategy):
+    """SUM payloads (fp16/bf16 casts, none): one allreduce per wire dtype of the bucket."""
+
+    name = "allreduce"
+    kinds = (Reduction.SUM,)
+
+    def _start(
+        self, backend: Backend, c: Compressor, entries: list[Entry], seed: int, step: int
+    ) -> Work[list[Reduced]]:
+        payloads, ctxs = _compress(backend, c, entries, seed, step)
+        local = _locals(c, payloads, ctxs)
+        parts = [t for p in payloads for t in p.tensors]
+        groups: dict[torch.dtype, list[int]] = {}
+        for i, t in enumerate(parts):
+            groups.setdefault(t.dtype, []).append(i)
+        works = {
+            dt: backend.allreduce(torch.cat([parts[i] for i in idx])) for dt, idx in groups.items()
+        }
+
+        def finish(_: None) -> list[Reduced]:
+            summed: list[torch.Tensor] = list(parts)
+            for dt, idx in groups.items():
+                pieces = works[dt].wait().split([parts[i].numel() for i in idx])
+                for i, piece in zip(idx, pieces, strict=True):
+                    summed[i] = piece
+            out, k = [], 0
+            for p, ctx, loc in zip(payloads, ctxs, local, strict=True):
+                total = c.decompress(Payload(tuple(summed[k : k + len(p)])), ctx)
+                k += len(p)
+                out.append(Reduced(self._finish(total.float(), backend.size, total.dtype), loc))
+            return out
+
+        return MappedWork(DoneWork(None), finish)
+
+
+def combine(c: Compressor, payloads: Sequence[Payload], ctx: Any) -> torch.Tensor:
+    """Sum over ranks of ``decompress(payload_r)``, in fp32, in rank order.
+
+    SPARSE and FACTORS payloads concatenate into one payload whose ``decompress`` is that sum
+    (repeated indices add up; ``cat(dY)^T cat(X)`` is one matmul); others decompress each.
+    """
+    if c.reduction in (Reduction.SPARSE, Reduction.FACTORS) and payloads:
+        n_parts = len(payloads[0])
+        joined = Payload(tuple(torch.cat([p[i] for p in payloads]) for i in range(n_parts)))
+        return c.decompress(joined, ctx).to(torch.float32)
+    total: torch.Tensor | None = None
+    for p in payloads:
+        d = c.decompress(p, ctx).to(torch.float32)
+        total = d if total is None else total + d
+    if total is None:
+        raise CompressionError("combine needs at least one payload")
+    return total
+
+
+class AllgatherStrategy(Strategy):
+    """Gather every rank's payloads (one fused allgather), decompress and sum them."""
+
+    name = "allgather"
+    kinds = (Reduction.GATHER, Reduction.SPARSE, Reduction.FACTORS)
+
+    def _start(
+        self, backend: Backend, c: Compressor, entries: list[Entry], seed: int, step: int
+    ) -> Work[list[Reduced]]:
+        payloads, ctxs = _compress(backend, c, entries, seed, step)
+        local = _locals(c, payloads, ctxs)
+        work = backend.allgather(pack(payloads))
+
+        def finish(bufs: list[torch.Tensor]) -> list[Reduced]:
+            per_rank = [unpack(b, payloads, source=f"rank {r}") for r, b in enumerate(bufs)]
+            out = []
+            for i, (ctx, loc) in enumerate(zip(ctxs, local, strict=True)):
+                total = combine(c, [got[i] for got in per_rank], ctx)
+                t = entries[i].tensor
+                dtype = t.dtype if t is not None else total.dtype
+                out.append(Reduced(self._finish(total, backend.size, dtype), loc))
+            return out
+
+        return MappedWork(work, finish)
+
+
+class SparseStrategy(Strategy):
+    """SPARSE payloads of a bucket as one long sparse vector, reduced by
+    :func:`~gradzip.allreduce.sparse.sparse_allreduce` (recursive doubling that turns dense)."""
+
+    name = "sparse"
+    kinds = (Reduction.SPARSE,)
+
+    def _start(
+        self, backend: Backend, c: Compressor, entries: list[Entry], seed: int, step: int
+    ) -> Work[list[Reduced]]:
+        payloads, ctxs = _compress(backend, c, entries, seed, step)
+        local = _locals(c, payloads, ctxs)
+        sizes = [e.tensor.numel() if e.tensor is not None else 0 for e in entries]
+        offsets = torch.tensor([0, *sizes]).cumsum(0)
+        idx = torch.cat([p[0].long() + int(o) for p, o in zip(payloads, offsets, strict=True)])
+        vals = torch.cat([p[1].to(torch.float32) for p in payloads])
+        result = sparse_allreduce(backend, idx, vals, int(offsets[-1]))
+        out = []
+        for e, piece, loc in zip(entries, result.tensor.split(sizes), local, strict=True):
+            assert e.tensor is not None
+            total = piece.view(e.tensor.shape)
+            out.append(Reduced(self._finish(total, backend.size, e.tensor.dtype), loc))
+        return DoneWork(out)
+
+
+class ScatterGatherStrategy(Strategy):
+    """Two-phase compressed allreduce with worker- and server-side error feedback
+    (1-bit SGD's aggregation, Seide et al. 2014; as in Tang et al. 2019,
+    https://arxiv.org/abs/1905.05957 DoubleSqueeze).
+
+    Each rank splits its compensated gradient into P chunks, compresses each and sends chunk
+    ``j`` to rank ``j`` (alltoall). Rank ``j`` decompresses and sums its chunk from all
+    ranks, adds its server residual, re-compresses it and keeps the new residual; an
+    allgather then gives every rank every reduced chunk. Bytes per rank: ``2(P-1)/P·n/r``.
+    """
+
+    name = "scatter_gather"
+    kinds = (Reduction.GATHER,)
+
+    def __init__(self, *, average: bool = True, verify: bool = True) -> None:
+        super().__init__(average=average, verify=verify)
+        self.server: ResidualMemory | NoMemory | None = None
+
+    def _chunks(
+        self, backend: Backend, c: Compressor, entries: list[Entry], seed: int, step: int
+    ) -> tuple[list[list[Payload]], list[list[Any]]]:
+        """Per entry, the P chunk payloads and ctxs (``[entry][dest]``)."""
+        p = backend.size
+        chunks = [
+            Entry(f"{e.key}/chunk{j}", t.contiguous())
+            for e in entries
+            for j, t in enumerate(torch.tensor_split(_flat(e), p))
+        ]
+        payloads, ctxs = _compress(backend, c, chunks, seed, step)
+        return (
+            [payloads[i * p : (i + 1) * p] for i in range(len(entries))],
+            [ctxs[i * p : (i + 1) * p] for i in range(len(entries))],
+        )
+
+    def _start(
+        self, backend: Backend, c: Compressor, entries: list[Entry], seed: int, step: int
+    ) -> Work[list[Reduced]]:
+        if self.server is None:
+            self.server = ResidualMemory() if c.error_feedback else NoMemory()
+        payloads, ctxs = self._chunks(backend, c, entries, seed, step)
+        local: list[torch.Tensor | None] = [None] * len(entries)
+        if c.error_feedback:
+            local = [
+                torch.cat([c.decompress(p, x).reshape(-1) for p, x in zip(ps, xs, strict=True)])
+                for ps, xs in zip(payloads, ctxs, strict=True)
+            ]
+        me, p = backend.rank, backend.size
+        work = backend.alltoall([pack([ps[j] for ps in payloads]) for j in range(p)])
+
+        def finish(bufs: list[torch.Tensor]) -> list[Reduced]:
+            mine = [ps[me] for ps in payloads]
+            got = [unpack(b, mine, source=f"rank {r}") for r, b in enumerate(bufs)]
+            served = [
+                self._serve(c, e, [g[i] for g in got], xs[me], seed, step, me)
+                for i, (e, xs) in enumerate(zip(entries, ctxs, strict=True))
+            ]
+            gathered = backend.allgather(pack(served)).wait()
+            parts = [
+                unpack(b, [ps[j] for ps in payloads], source=f"rank {j}")
+                for j, b in enumerate(gathered)
+            ]
+            out = []
+            for i, e in enumerate(entries):
+                total = torch.cat(
+                    [c.decompress(parts[j][i], ctxs[i][j]).float().reshape(-1) for j in range(p)]
+                )
+                shaped = total.view(_shape(e))
+                loc = None if local[i] is None else local[i].view(_shape(e))  # type: ignore[union-attr]
+                out.append(Reduced(self._finish(shaped, p, _dtype(e)), loc))
+            return out
+
+        return MappedWork(work, finish)
+
+    def _serve(
+        self,
+        c: Compressor,
+        e: Entry,
+        received: list[Payload],
+        ctx: Any,
+        seed: int,
+        step: int,
+        me: int,
+    ) -> Payload:
+        """Server side of chunk ``me`` of entry ``e``: sum, compensate, re-compress, update."""
+        assert self.server is not None
+        total = combine(c, received, ctx)
+        compensated = self.server.compensate(e.key, total)
+        shared = c.shared_stat(compensated)
+        s = derive_seed(seed, step, f"{e.key}/server", me)
+        payload, sctx = c.compress(compensated, seed=s, shared=shared)
+        self.server.update(e.key, compensated, c.decompress(payload, sctx))
+        return payload
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"server": self.server.state_dict() if self.server is not None else {}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("server"):
+            self.server = ResidualMemory()
+            self.server.load_state_dict(state["server"])
+
+
+def _flat(e: Entry) -> torch.Tensor:
+    if e.tensor is None:
+        raise CompressionError(f"entry {e.key!r}: scatter_gather needs the gradient, not a payload")
+    return e.tensor.reshape(-1)
+
+
+def _shape(e: Entry) -> torch.Size:
+    assert e.tensor is not None
+    return e.tensor.shape
+
+
+def _dtype(e: Entry) -> torch.dtype:
+    assert e.tensor is not None
+    return e.tensor.dtype
+
+
+def strategy_for(
+    compressor: Compressor,
+    *,
+    gather: str = "allgather",
+    sparse: str = "allgather",
+    average: bool = True,
+    verify: bool = True,
+) -> Strategy:
+    """The strategy for ``compressor.reduction``; ``gather`` picks ``"allgather"`` or
+    ``"scatter_gather"`` for GATHER, ``sparse`` picks ``"allgather"`` or ``"recursive"``."""
+    kw: dict[str, bool] = {"average": average, "verify": verify}
+    kind = compressor.reduction
+    if kind is Reduction.SUM:
+        return AllreduceStrategy(**kw)
+    choices: dict[Reduction, tuple[str, str, dict[str, type[Strategy]]]] = {
+        Reduction.GATHER: (
+            "gather",
+            gather,
+            {"allgather": AllgatherStrategy, "scatter_gather": ScatterGatherStrategy},
+        ),
+        Reduction.SPARSE: (
+            "sparse",
+            sparse,
+            {"allgather": AllgatherStrategy, "recursive": SparseStrategy},
+        ),
+        Reduction.FACTORS: ("factors", "allgather", {"allgather": AllgatherStrategy}),
+    }
+    option, value, table = choices[kind]
+    if value not in table:
+        raise ValueError(f"{option}={value!r} is not a strategy; expected one of {sorted(table)}")
+    return table[value](**kw)
