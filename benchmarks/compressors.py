@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.data import Dataset, load_image_dataset
+from benchmarks.data import Dataset, DataUnavailableError, load_image_dataset
 from benchmarks.measure import FactorCapture, Tally, median_ns
 from benchmarks.models import SmallCNN
 from benchmarks.report import machine_line, markdown_table, update_block, write_csv
@@ -81,6 +81,8 @@ class BenchConfig:
             raise ValueError(f"checkpoints={self.checkpoints} must be <= steps={self.steps}")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr!r}; expected a number > 0")
+        for spec in self.specs or ():
+            compressor(spec)  # an unknown name or option raises a ValueError saying what is valid
 
     def checkpoint_steps(self) -> list[int]:
         return sorted(
@@ -139,6 +141,14 @@ def _batches(n: int, batch: int, gen: torch.Generator) -> Iterator[torch.Tensor]
 
 
 @torch.no_grad()
+def _sgd_step(model: torch.nn.Module, lr: float) -> None:
+    """Plain SGD, ``p -= lr * grad`` (torch.optim would import torch._dynamo: seconds)."""
+    for p in model.parameters():
+        if p.grad is not None:
+            p.add_(p.grad, alpha=-lr)
+
+
+@torch.no_grad()
 def evaluate(model: torch.nn.Module, data: Dataset, batch: int = 1000) -> float:
     """Top-1 accuracy on ``data``."""
     model.eval()
@@ -179,14 +189,13 @@ def run(config: BenchConfig = BenchConfig(), progress: bool = False) -> BenchRes
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
         model = SmallCNN(tuple(train.x.shape[1:]), train.num_classes)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
     capture = FactorCapture(model) if any(t.factors for t in tallies) else None
     batches = _batches(len(train.y), config.batch_size, torch.Generator().manual_seed(config.seed))
     checkpoints = set(config.checkpoint_steps())
     try:
         for step in range(1, config.steps + 1):
             idx = next(batches)
-            optimizer.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(train.x[idx]), train.y[idx])
             loss.backward()
             grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
@@ -196,7 +205,7 @@ def run(config: BenchConfig = BenchConfig(), progress: bool = False) -> BenchRes
             factors = capture.factors() if capture else None
             for t in tallies:
                 t.step(step, grads, factors, clone_ns, config.repeats)
-            optimizer.step()
+            _sgd_step(model, config.lr)
             if progress and (step in checkpoints or step % 50 == 0):
                 print(
                     f"step {step}/{config.steps}  loss {loss.item():.3f}  "
@@ -223,8 +232,9 @@ def run(config: BenchConfig = BenchConfig(), progress: bool = False) -> BenchRes
     )
 
 
-def render(result: BenchResult, command: str) -> str:
-    """The markdown report: what ran, the table, what each column means."""
+def render(result: BenchResult, command: str, brief: bool = False) -> str:
+    """The markdown report: what ran, the table, what each column means (``brief``: a link to
+    the results file instead of the column notes, for README.md)."""
     c = result.config
     lines = [
         f"Compressors on the real gradients of a small CNN ({result.parameters:,} parameters) "
@@ -236,6 +246,14 @@ def render(result: BenchResult, command: str) -> str:
         f"Command: `{command}`. Machine: {machine_line()}.",
         "",
         markdown_table(HEADERS, result.rows),
+    ]
+    if brief:
+        lines.append(
+            "What each column means, and how it was measured: "
+            "[benchmarks/results/compressors.md](benchmarks/results/compressors.md)."
+        )
+        return "\n".join(lines) + "\n"
+    lines += [
         "- **ratio**: dense bytes / `payload.nbytes`, summed over the tensors of the checkpoint "
         "steps (measured, not computed from the method).",
         "- **error**: `||x - D(C(x))|| / ||x||` over all tensors of a step, averaged over the "
@@ -299,6 +317,7 @@ def _parser() -> argparse.ArgumentParser:
         help="replace the block between <!-- bench:compressors --> markers in "
         "README.md (default on; skipped with a note when the markers are missing)",
     )
+    p.add_argument("--readme-file", type=Path, default=ROOT / "README.md", help=argparse.SUPPRESS)
     return p
 
 
@@ -307,7 +326,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.threads < 1:
         raise SystemExit(f"--threads={args.threads}; expected an int >= 1")
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _main(args, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     specs = (
         tuple(s.strip() for s in args.compressors.split(";") if s.strip())
         if args.compressors
@@ -327,7 +354,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
-    result = run(config, progress=True)
+    try:
+        result = run(config, progress=True)
+    except DataUnavailableError as err:
+        raise SystemExit(f"error: {err}") from None
     command = "python -m benchmarks.compressors " + " ".join(sys.argv[1:] if argv is None else argv)
     report = render(result, command.strip())
     print(report)
@@ -336,8 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_csv(args.out / "compressors.csv", HEADERS, result.rows)
     print(f"wrote {args.out / 'compressors.md'} and {args.out / 'compressors.csv'}")
     if args.readme:
-        readme = ROOT / "README.md"
-        if update_block(readme, "compressors", report):
+        readme = args.readme_file
+        if update_block(readme, "compressors", render(result, command.strip(), brief=True)):
             print(f"updated the compressors block of {readme}")
         else:
             print(f"note: {readme} has no <!-- bench:compressors --> markers; left unchanged")
