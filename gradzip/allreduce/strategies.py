@@ -269,7 +269,7 @@ class SparseStrategy(Strategy):
         local = _locals(c, payloads, ctxs)
         sizes = [e.tensor.numel() if e.tensor is not None else 0 for e in entries]
         offsets = torch.tensor([0, *sizes]).cumsum(0)
-        idx = torch.cat([p[0].long() + int(o) for p, o in zip(payloads, offsets, strict=True)])
+        idx = torch.cat([p[0].long() + int(o) for p, o in zip(payloads, offsets[:-1], strict=True)])
         vals = torch.cat([p[1].to(torch.float32) for p in payloads])
         result = sparse_allreduce(backend, idx, vals, int(offsets[-1]))
         out = []
