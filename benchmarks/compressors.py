@@ -62,9 +62,9 @@ HEADERS = (
 class BenchConfig:
     """What to train and measure; the defaults are what ``make bench`` runs."""
 
-    steps: int = 300
+    steps: int = 500
     batch_size: int = 64
-    lr: float = 0.05
+    lr: float = 0.1
     checkpoints: int = 3  # evenly spaced, the last one at the final step
     repeats: int = 7  # timing repeats per tensor (median)
     seed: int = 0
@@ -177,6 +177,23 @@ def _row(t: Tally, n_tensors: int) -> list[str | int | float]:
     ]
 
 
+def _sfb_notes(capture: FactorCapture, batch: int, world_size: int = 4) -> list[str]:
+    """Where factors beat a dense allreduce with ``world_size`` ranks (``sfb_pays``)."""
+    from gradzip.compress.sfb import sfb_pays
+
+    verdicts = [
+        f"{name} ({m.in_features}x{m.out_features}): "
+        f"{'pays' if sfb_pays(batch, m.in_features, m.out_features, world_size) else 'dense'}"
+        for name, m in capture.layers.items()
+    ]
+    return [
+        f"sfb cost model (`sfb_pays`, batch {batch}, {world_size} ranks): "
+        + "; ".join(verdicts)
+        + ". The pipeline sends a layer dense where factors do not pay; the sfb row above "
+        "measures the factors of every Linear layer."
+    ]
+
+
 def run(config: BenchConfig = BenchConfig(), progress: bool = False) -> BenchResult:
     """Train, run every compressor's pipeline on the gradients, return the table."""
     start = time.perf_counter()
@@ -216,6 +233,8 @@ def run(config: BenchConfig = BenchConfig(), progress: bool = False) -> BenchRes
     finally:
         if capture:
             capture.close()
+    if capture:
+        notes += _sfb_notes(capture, config.batch_size)
     accuracy = evaluate(model, test)
     n_tensors = len(list(model.parameters()))
     rows = [_row(t, n_tensors) for t in tallies]
