@@ -22,6 +22,7 @@ both values — instead of a collective that hangs or mixes up bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
@@ -33,11 +34,13 @@ from gradzip.allreduce.backend import Backend, DoneWork, MappedWork, ReduceOp, W
 from gradzip.compress.base import CompressionError, Compressor, Payload
 
 if TYPE_CHECKING:
-    from gradzip.allreduce.strategies import Entry, Reduced, Strategy
+    from gradzip.allreduce.strategies import Strategy
 
 __all__ = [
     "DEFAULT_FUSION_BYTES",
     "BucketItem",
+    "Entry",
+    "Reduced",
     "Reducer",
     "check_consistent",
     "pack",
@@ -50,6 +53,40 @@ DEFAULT_FUSION_BYTES = 4 * 1024 * 1024
 
 #: (key, numel, dtype name) of one tensor of a bucket, as the consistency check compares it
 BucketItem = tuple[Any, int, str]
+
+
+Key = str | int
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One tensor of a bucket: its key and the (compensated) gradient, or a payload and ctx
+    compressed beforehand (SFB factors, which a finished gradient does not hold)."""
+
+    key: Key
+    tensor: torch.Tensor | None = None
+    payload: Payload | None = None
+    ctx: Any = None
+
+    def __post_init__(self) -> None:
+        if (self.tensor is None) == (self.payload is None):
+            raise ValueError(f"entry {self.key!r} needs either a tensor or a payload (not both)")
+
+    def item(self) -> BucketItem:
+        """(key, numel, dtype) for the consistency check; the ctx for precompressed entries."""
+        if self.tensor is not None:
+            return (self.key, self.tensor.numel(), str(self.tensor.dtype))
+        return (self.key, -1, repr(self.ctx))
+
+
+@dataclasses.dataclass(frozen=True)
+class Reduced:
+    """The result for one entry: ``reduced`` (sum or mean over ranks, input shape and dtype)
+    and ``local`` (this rank's decompressed payload; None when the compressor keeps no
+    error feedback)."""
+
+    reduced: torch.Tensor
+    local: torch.Tensor | None
 
 
 def plan_buckets(sizes: Sequence[int], fusion_bytes: int = DEFAULT_FUSION_BYTES) -> list[list[int]]:

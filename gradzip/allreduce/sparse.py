@@ -24,10 +24,18 @@ from typing import NamedTuple
 
 import torch
 
-from gradzip.allreduce.backend import Backend, MappedWork, ReduceOp, Work
-from gradzip.compress.base import CompressionError
+from gradzip.allreduce.backend import Backend, DoneWork, MappedWork, ReduceOp, Work
+from gradzip.allreduce.fusion import Entry, Reduced
+from gradzip.allreduce.strategies import Strategy, compress_entries, local_results
+from gradzip.compress.base import CompressionError, Compressor, Reduction
 
-__all__ = ["SparseResult", "sparse_allgather", "sparse_allreduce", "sparse_rounds_cost"]
+__all__ = [
+    "SparseResult",
+    "SparseStrategy",
+    "sparse_allgather",
+    "sparse_allreduce",
+    "sparse_rounds_cost",
+]
 
 
 class SparseResult(NamedTuple):
@@ -171,3 +179,28 @@ def sparse_allgather(
         return out
 
     return MappedWork(work, finish)
+
+
+class SparseStrategy(Strategy):
+    """SPARSE payloads of a bucket as one long sparse vector, reduced by
+    :func:`~gradzip.allreduce.sparse.sparse_allreduce` (recursive doubling that turns dense)."""
+
+    name = "sparse"
+    kinds = (Reduction.SPARSE,)
+
+    def _start(
+        self, backend: Backend, c: Compressor, entries: list[Entry], seed: int, step: int
+    ) -> Work[list[Reduced]]:
+        payloads, ctxs = compress_entries(backend, c, entries, seed, step)
+        local = local_results(c, payloads, ctxs)
+        sizes = [e.tensor.numel() if e.tensor is not None else 0 for e in entries]
+        offsets = torch.tensor([0, *sizes]).cumsum(0)
+        idx = torch.cat([p[0].long() + int(o) for p, o in zip(payloads, offsets[:-1], strict=True)])
+        vals = torch.cat([p[1].to(torch.float32) for p in payloads])
+        result = sparse_allreduce(backend, idx, vals, int(offsets[-1]))
+        out = []
+        for e, piece, loc in zip(entries, result.tensor.split(sizes), local, strict=True):
+            assert e.tensor is not None
+            total = piece.view(e.tensor.shape)
+            out.append(Reduced(self._finish(total, backend.size, e.tensor.dtype), loc))
+        return DoneWork(out)

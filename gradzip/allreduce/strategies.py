@@ -19,15 +19,13 @@ in rank order, or by the engine.
 from __future__ import annotations
 
 import abc
-import dataclasses
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 
 from gradzip.allreduce.backend import Backend, DoneWork, MappedWork, ReduceOp, Work
-from gradzip.allreduce.fusion import BucketItem, check_consistent, pack, unpack
-from gradzip.allreduce.sparse import sparse_allreduce
+from gradzip.allreduce.fusion import Entry, Reduced, check_consistent, pack, unpack
 from gradzip.compress.base import (
     CompressionError,
     Compressor,
@@ -43,43 +41,13 @@ __all__ = [
     "Entry",
     "Reduced",
     "ScatterGatherStrategy",
-    "SparseStrategy",
     "Strategy",
+    "agree_shared",
+    "combine",
+    "compress_entries",
+    "local_results",
     "strategy_for",
 ]
-
-Key = str | int
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """One tensor of a bucket: its key and the (compensated) gradient, or a payload and ctx
-    compressed beforehand (SFB factors, which a finished gradient does not hold)."""
-
-    key: Key
-    tensor: torch.Tensor | None = None
-    payload: Payload | None = None
-    ctx: Any = None
-
-    def __post_init__(self) -> None:
-        if (self.tensor is None) == (self.payload is None):
-            raise ValueError(f"entry {self.key!r} needs either a tensor or a payload (not both)")
-
-    def item(self) -> BucketItem:
-        """(key, numel, dtype) for the consistency check; the ctx for precompressed entries."""
-        if self.tensor is not None:
-            return (self.key, self.tensor.numel(), str(self.tensor.dtype))
-        return (self.key, -1, repr(self.ctx))
-
-
-@dataclasses.dataclass(frozen=True)
-class Reduced:
-    """The result for one entry: ``reduced`` (sum or mean over ranks, input shape and dtype)
-    and ``local`` (this rank's decompressed payload; None when the compressor keeps no
-    error feedback)."""
-
-    reduced: torch.Tensor
-    local: torch.Tensor | None
 
 
 def agree_shared(
@@ -97,7 +65,7 @@ def agree_shared(
     return list(agreed.unbind())
 
 
-def _compress(
+def compress_entries(
     backend: Backend, compressor: Compressor, entries: Sequence[Entry], seed: int, step: int
 ) -> tuple[list[Payload], list[Any]]:
     """Payload and ctx of every entry (precompressed ones pass through)."""
@@ -169,7 +137,9 @@ class Strategy(abc.ABC):
             raise ValueError(f"strategy {self.name!r} has no state, got keys {sorted(state)}")
 
 
-def _locals(c: Compressor, payloads: list[Payload], ctxs: list[Any]) -> list[torch.Tensor | None]:
+def local_results(
+    c: Compressor, payloads: list[Payload], ctxs: list[Any]
+) -> list[torch.Tensor | None]:
     if not c.error_feedback:
         return [None] * len(payloads)
     return [c.decompress(p, x) for p, x in zip(payloads, ctxs, strict=True)]
@@ -184,8 +154,8 @@ class AllreduceStrategy(Strategy):
     def _start(
         self, backend: Backend, c: Compressor, entries: list[Entry], seed: int, step: int
     ) -> Work[list[Reduced]]:
-        payloads, ctxs = _compress(backend, c, entries, seed, step)
-        local = _locals(c, payloads, ctxs)
+        payloads, ctxs = compress_entries(backend, c, entries, seed, step)
+        local = local_results(c, payloads, ctxs)
         parts = [t for p in payloads for t in p.tensors]
         groups: dict[torch.dtype, list[int]] = {}
         for i, t in enumerate(parts):
@@ -238,8 +208,8 @@ class AllgatherStrategy(Strategy):
     def _start(
         self, backend: Backend, c: Compressor, entries: list[Entry], seed: int, step: int
     ) -> Work[list[Reduced]]:
-        payloads, ctxs = _compress(backend, c, entries, seed, step)
-        local = _locals(c, payloads, ctxs)
+        payloads, ctxs = compress_entries(backend, c, entries, seed, step)
+        local = local_results(c, payloads, ctxs)
         work = backend.allgather(pack(payloads))
 
         def finish(bufs: list[torch.Tensor]) -> list[Reduced]:
@@ -253,31 +223,6 @@ class AllgatherStrategy(Strategy):
             return out
 
         return MappedWork(work, finish)
-
-
-class SparseStrategy(Strategy):
-    """SPARSE payloads of a bucket as one long sparse vector, reduced by
-    :func:`~gradzip.allreduce.sparse.sparse_allreduce` (recursive doubling that turns dense)."""
-
-    name = "sparse"
-    kinds = (Reduction.SPARSE,)
-
-    def _start(
-        self, backend: Backend, c: Compressor, entries: list[Entry], seed: int, step: int
-    ) -> Work[list[Reduced]]:
-        payloads, ctxs = _compress(backend, c, entries, seed, step)
-        local = _locals(c, payloads, ctxs)
-        sizes = [e.tensor.numel() if e.tensor is not None else 0 for e in entries]
-        offsets = torch.tensor([0, *sizes]).cumsum(0)
-        idx = torch.cat([p[0].long() + int(o) for p, o in zip(payloads, offsets[:-1], strict=True)])
-        vals = torch.cat([p[1].to(torch.float32) for p in payloads])
-        result = sparse_allreduce(backend, idx, vals, int(offsets[-1]))
-        out = []
-        for e, piece, loc in zip(entries, result.tensor.split(sizes), local, strict=True):
-            assert e.tensor is not None
-            total = piece.view(e.tensor.shape)
-            out.append(Reduced(self._finish(total, backend.size, e.tensor.dtype), loc))
-        return DoneWork(out)
 
 
 class ScatterGatherStrategy(Strategy):
@@ -308,7 +253,7 @@ class ScatterGatherStrategy(Strategy):
             for e in entries
             for j, t in enumerate(torch.tensor_split(_flat(e), p))
         ]
-        payloads, ctxs = _compress(backend, c, chunks, seed, step)
+        payloads, ctxs = compress_entries(backend, c, chunks, seed, step)
         return (
             [payloads[i * p : (i + 1) * p] for i in range(len(entries))],
             [ctxs[i * p : (i + 1) * p] for i in range(len(entries))],
@@ -408,24 +353,25 @@ def strategy_for(
 ) -> Strategy:
     """The strategy for ``compressor.reduction``; ``gather`` picks ``"allgather"`` or
     ``"scatter_gather"`` for GATHER, ``sparse`` picks ``"allgather"`` or ``"recursive"``."""
-    kw: dict[str, bool] = {"average": average, "verify": verify}
+    from gradzip.allreduce.sparse import SparseStrategy  # sparse.py builds on this module
+
     kind = compressor.reduction
-    if kind is Reduction.SUM:
-        return AllreduceStrategy(**kw)
-    choices: dict[Reduction, tuple[str, str, dict[str, type[Strategy]]]] = {
-        Reduction.GATHER: (
-            "gather",
-            gather,
-            {"allgather": AllgatherStrategy, "scatter_gather": ScatterGatherStrategy},
-        ),
-        Reduction.SPARSE: (
-            "sparse",
-            sparse,
-            {"allgather": AllgatherStrategy, "recursive": SparseStrategy},
-        ),
-        Reduction.FACTORS: ("factors", "allgather", {"allgather": AllgatherStrategy}),
+    option, value = {
+        Reduction.SUM: ("sum", "allreduce"),
+        Reduction.GATHER: ("gather", gather),
+        Reduction.SPARSE: ("sparse", sparse),
+        Reduction.FACTORS: ("factors", "allgather"),
+    }[kind]
+    tables: dict[Reduction, dict[str, type[Strategy]]] = {
+        Reduction.SUM: {"allreduce": AllreduceStrategy},
+        Reduction.GATHER: {"allgather": AllgatherStrategy, "scatter_gather": ScatterGatherStrategy},
+        Reduction.SPARSE: {"allgather": AllgatherStrategy, "recursive": SparseStrategy},
+        Reduction.FACTORS: {"allgather": AllgatherStrategy},
     }
-    option, value, table = choices[kind]
+    table = tables[kind]
     if value not in table:
-        raise ValueError(f"{option}={value!r} is not a strategy; expected one of {sorted(table)}")
-    return table[value](**kw)
+        raise ValueError(
+            f"{option}={value!r} is not a strategy for {compressor.spec()!r}; "
+            f"expected one of {sorted(table)}"
+        )
+    return table[value](average=average, verify=verify)
