@@ -74,13 +74,12 @@ def test_topk_exact_with_ties_keeps_the_k_largest() -> None:
     assert torch.equal(vals, x[idx.long()].float())
 
 
-@pytest.mark.parametrize("clip_norm", [None, 2.0])
-@pytest.mark.parametrize("n", [1023, 2**20 + 7])
+@pytest.mark.parametrize(("n", "clip_norm"), [(1023, None), (1023, 2.0), (2**20 + 7, 50.0)])
 def test_dgc_step_equals_reference(load: Load, n: int, clip_norm: float | None) -> None:
     comp = DGC(ratio=0.01, clip_norm=clip_norm, epoch=None if n > 2**16 else 1.0)
     ref_mem, ker_mem = comp.make_memory(), comp.make_memory()
     gen = torch.Generator().manual_seed(n)
-    for step in range(2 if n > 2**16 else 4):
+    for step in range(1 if n > 2**16 else 4):
         grad = torch.randn(n, generator=gen).to(torch.float16)
         velocity = ref_mem.compensate("w", grad)
         ref, ctx = comp.compress(velocity, seed=step)
