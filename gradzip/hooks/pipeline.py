@@ -1,0 +1,268 @@
+"""The gradient path of :class:`~gradzip.hooks.optimizer.DistributedOptimizer`: buckets that
+launch as gradients become ready, error feedback per parameter, write-back at synchronize.
+
+Buckets are fixed once, identically on every rank: parameters are taken in reverse
+registration order (backward produces the last layers first, as DDP assumes), split into one
+stream per compressor, and each stream is cut into buckets of about ``fusion_bytes``. The
+buckets are ordered by where their last tensor sits in that order. A bucket launches when all
+its gradients are ready *and* every earlier bucket has launched, so all ranks issue the same
+collectives in the same order whatever order their hooks fire in.
+
+Parameters without a gradient on a rank at ``synchronize()`` (an unused branch) contribute
+zeros, so the result is the gradient of the global loss (as Horovod and DDP's
+``find_unused_parameters``). One small MAX allreduce of a "has a gradient" flag per parameter
+then tells which parameters no rank used: those keep their ``.grad`` as it was (``None``
+stays ``None``), as in single-process training, and their error-feedback state is untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from gradzip.allreduce.backend import Backend, ReduceOp, Work
+from gradzip.allreduce.fusion import plan_buckets
+from gradzip.allreduce.strategies import Entry, Reduced, Strategy, strategy_for
+from gradzip.compress.base import CompressionError, Compressor
+from gradzip.compress.sfb import SFB, sfb_pays
+from gradzip.hooks.policy import DENSE
+from gradzip.hooks.sfb import FactorCapture
+
+__all__ = ["GradPipeline", "Slot", "Stream"]
+
+
+@dataclasses.dataclass
+class Slot:
+    """One parameter: its name, tensor, chosen compressor and SFB capture (if any)."""
+
+    name: str
+    param: torch.Tensor
+    compressor: Compressor
+    capture: FactorCapture | None = None
+    memory: Any = None
+    stream: int = -1
+    bucket: int = -1
+    passes: int = 0  # backward passes whose gradient reached it since the last synchronize
+    checked: bool = False  # SFB factors verified against autograd's gradient once
+
+
+@dataclasses.dataclass
+class Stream:
+    """All parameters sent with one compressor, and the strategy that reduces them."""
+
+    base: Compressor
+    compressor: Compressor
+    strategy: Strategy
+
+
+@dataclasses.dataclass
+class _Launched:
+    slots: list[int]
+    entries: list[Entry]
+    work: Work[list[Reduced]]
+
+
+class GradPipeline:
+    """Buckets, launches and reduces the gradients of ``slots`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        slots: list[Slot],
+        *,
+        average: bool,
+        fusion_bytes: int,
+        seed: int,
+        passes_per_step: int,
+        gather: str = "allgather",
+        sparse: str = "allgather",
+    ) -> None:
+        plan_buckets([], fusion_bytes)  # validates fusion_bytes
+        self.backend = backend
+        self.slots = slots
+        self.fusion_bytes = fusion_bytes
+        self.seed = seed
+        self.passes_per_step = passes_per_step
+        self.step = 0  # synchronizations done (part of every stochastic compressor's seed)
+        self.epoch: float | None = None
+        self.streams: list[Stream] = []
+        for base in dict.fromkeys([s.compressor for s in slots] + [DENSE]):
+            strategy = strategy_for(base, gather=gather, sparse=sparse, average=average)
+            self.streams.append(Stream(base, base, strategy))
+        for s in slots:
+            s.memory = s.compressor.make_memory()
+        self.buckets: list[list[int]] | None = None  # fixed at the first launch
+        self.pending: list[int] = []
+        self.launched: list[_Launched] = []
+        self.dirty = False  # a gradient arrived since the last synchronize
+
+    # ------------------------------------------------------------------ the plan
+    def _sfb_decisions(self) -> dict[int, bool]:
+        """Per SFB slot: do factors pay? From the largest batch any rank saw (one allreduce)."""
+        idx = [i for i, s in enumerate(self.slots) if s.capture is not None]
+        if not idx:
+            return {}
+        rows = torch.tensor([self.slots[i].capture.max_rows for i in idx], dtype=torch.int64)  # type: ignore[union-attr]
+        rows = self.backend.allreduce(rows, ReduceOp.MAX).wait()
+        out = {}
+        for i, b in zip(idx, rows.tolist(), strict=True):
+            layer = self.slots[i].capture.layer  # type: ignore[union-attr]
+            out[i] = sfb_pays(int(b), layer.in_features, layer.out_features, self.backend.size)
+        return out
+
+    def plan(self) -> list[list[int]]:
+        """Fix the buckets (once): lists of slot indices, in launch order."""
+        if self.buckets is not None:
+            return self.buckets
+        for i, pays in self._sfb_decisions().items():
+            if not pays:  # factors would cost more than the dense gradient
+                slot = self.slots[i]
+                assert slot.capture is not None
+                slot.capture.remove()
+                slot.capture, slot.compressor = None, DENSE
+                slot.memory = DENSE.make_memory()
+        index = {s.base: k for k, s in enumerate(self.streams)}
+        order = list(range(len(self.slots)))[::-1]  # reverse registration order
+        position = {i: p for p, i in enumerate(order)}
+        placed: list[tuple[int, int, list[int]]] = []
+        for k in range(len(self.streams)):
+            members = [i for i in order if index[self.slots[i].compressor] == k]
+            sizes = [
+                self.slots[i].param.numel() * self.slots[i].param.element_size() for i in members
+            ]
+            for cut in plan_buckets(sizes, self.fusion_bytes):
+                group = [members[j] for j in cut]
+                placed.append((position[group[-1]], k, group))
+        placed.sort(key=lambda t: (t[0], t[1]))
+        self.buckets = [group for _, _, group in placed]
+        for b, (_, k, group) in enumerate(placed):
+            for i in group:
+                self.slots[i].stream, self.slots[i].bucket = k, b
+        self._reset()
+        return self.buckets
+
+    def _reset(self) -> None:
+        assert self.buckets is not None
+        self.pending = [len(b) for b in self.buckets]
+        self.launched = []
+        for s in self.slots:
+            s.passes = 0
+            if s.capture is not None:
+                s.capture.clear()
+        self.dirty = False
+
+    # ------------------------------------------------------------------ during backward
+    def on_grad(self, i: int) -> None:
+        """Post-accumulate-grad hook of slot ``i``: launch the buckets that became ready."""
+        slot = self.slots[i]
+        buckets = self.plan()
+        slot.passes += 1
+        self.dirty = True
+        if slot.passes > self.passes_per_step:
+            raise RuntimeError(
+                f"the gradient of {slot.name!r} was computed {slot.passes} times before "
+                f"step()/synchronize(), but backward_passes_per_step={self.passes_per_step}; "
+                "increase backward_passes_per_step to accumulate more passes locally"
+            )
+        if slot.passes == self.passes_per_step:
+            self.pending[slot.bucket] -= 1
+            while len(self.launched) < len(buckets) and self.pending[len(self.launched)] == 0:
+                self._launch(len(self.launched))
+
+    def _entry(self, i: int) -> Entry:
+        """Slot ``i``'s entry: factors, compensated gradient, or zeros when it has none."""
+        s = self.slots[i]
+        if s.capture is not None:
+            assert isinstance(s.compressor, SFB)
+            if s.passes == 0:
+                payload, ctx = s.capture.empty(s.compressor)
+                return Entry(s.name, payload=payload, ctx=ctx)
+            payload, ctx = s.capture.payload(s.compressor)
+            if not s.checked and s.param.grad is not None:
+                s.capture.check(s.compressor, payload, ctx, s.param.grad)
+                s.checked = True
+            return Entry(s.name, payload=payload, ctx=ctx)
+        if s.passes == 0 or s.param.grad is None:
+            return Entry(s.name, torch.zeros_like(s.param, dtype=torch.float32))
+        return Entry(s.name, s.memory.compensate(s.name, s.param.grad))
+
+    def _launch(self, b: int) -> None:
+        assert self.buckets is not None
+        group = self.buckets[b]
+        stream = self.streams[self.slots[group[0]].stream]
+        entries = [self._entry(i) for i in group]
+        work = stream.strategy.start(
+            self.backend, stream.compressor, entries, seed=self.seed, step=self.step
+        )
+        self.launched.append(_Launched(group, entries, work))
+
+    # ------------------------------------------------------------------ synchronize
+    def synchronize(self) -> None:
+        """Launch what is left, reduce, write the results into ``.grad``."""
+        buckets = self.plan()
+        for s in self.slots:
+            if s.param.grad is not None and s.param.grad.is_sparse:
+                raise CompressionError(f"parameter {s.name!r} has a sparse gradient; unsupported")
+        while len(self.launched) < len(buckets):
+            self._launch(len(self.launched))
+        flags = torch.tensor([int(s.passes > 0) for s in self.slots], dtype=torch.int32)
+        used = self.backend.allreduce(flags, ReduceOp.MAX).wait().tolist()
+        for done in self.launched:
+            for i, entry, red in zip(done.slots, done.entries, done.work.wait(), strict=True):
+                if used[i]:
+                    self._write(i, entry, red)
+        self.step += 1
+        self._reset()
+
+    def _write(self, i: int, entry: Entry, red: Reduced) -> None:
+        s = self.slots[i]
+        if s.passes > 0 and entry.tensor is not None and red.local is not None:
+            s.memory.update(s.name, entry.tensor, red.local)
+        value = red.reduced.reshape(s.param.shape)
+        if s.param.grad is None:
+            s.param.grad = value.to(s.param.dtype, copy=True)
+        else:
+            s.param.grad.copy_(value)
+
+    # ------------------------------------------------------------------ epochs, checkpoints
+    def set_epoch(self, epoch: float) -> None:
+        """Tell compressors with a schedule (DGC's warm-up, ``at_epoch``) the training epoch."""
+        self.epoch = float(epoch)
+        for st in self.streams:
+            at_epoch = getattr(st.base, "at_epoch", None)
+            if at_epoch is not None:
+                st.compressor = at_epoch(self.epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rank": self.backend.rank,
+            "world_size": self.backend.size,
+            "step": self.step,
+            "epoch": self.epoch,
+            "memories": {s.name: s.memory.state_dict() for s in self.slots},
+            "strategies": [
+                {"spec": st.base.spec(), "state": st.strategy.state_dict()} for st in self.streams
+            ],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        specs = [st.base.spec() for st in self.streams]
+        saved = [x["spec"] for x in state["strategies"]]
+        if saved != specs:
+            raise ValueError(
+                f"the checkpoint was written with compressors {saved}, this optimizer uses "
+                f"{specs}; build the optimizer with the same compression= argument"
+            )
+        names = {s.name for s in self.slots}
+        if set(state["memories"]) != names:
+            diff = sorted(set(state["memories"]) ^ names)
+            raise ValueError(f"the checkpoint's parameters differ from this optimizer's: {diff}")
+        for s in self.slots:
+            s.memory.load_state_dict(state["memories"][s.name])
+        for st, x in zip(self.streams, state["strategies"], strict=True):
+            st.strategy.load_state_dict(x["state"])
+        self.step = int(state["step"])
+        if state["epoch"] is not None:
+            self.set_epoch(state["epoch"])
