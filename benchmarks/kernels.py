@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import importlib
 import os
 import statistics
 import time
@@ -154,8 +155,11 @@ def main(argv: list[str] | None = None) -> None:
         )
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    available = set(gradzip.available())
     specs = [s for s in args.compressors.split(",") if s]
+    for spec in specs:  # register compressors whose module the package does not import yet
+        with contextlib.suppress(ImportError):
+            importlib.import_module(f"gradzip.compress.{spec.partition(':')[0]}")
+    available = set(gradzip.available())
     missing = [s for s in specs if s.partition(":")[0] not in available]
     if missing:
         print(f"skipping unregistered compressors: {', '.join(missing)}")
