@@ -10,6 +10,7 @@ from gradzip.compress import (
     derive_seed,
     register,
 )
+from gradzip.hooks.ddp import ddp_comm_hook
 
 __version__ = "0.1.0"
 
@@ -21,5 +22,6 @@ __all__ = [
     "available",
     "compressor",
     "derive_seed",
+    "ddp_comm_hook",
     "register",
 ]

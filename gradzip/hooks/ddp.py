@@ -1,0 +1,341 @@
+"""A DDP communication hook that compresses each gradient bucket, with error feedback.
+
+One line turns an existing ``DistributedDataParallel`` script into a compressed one::
+
+    model.register_comm_hook(*gradzip.ddp_comm_hook("topk:ratio=0.01"))
+
+The hook follows ``torch.distributed.algorithms.ddp_comm_hooks``: ``hook(state, bucket)``
+returns a ``Future`` of the bucket averaged over ranks. Per bucket it runs the pipeline of
+``shared/DESIGN.md``: compensate (``residual[bucket index]``), compress, reduce with the strategy
+of the compressor's :class:`~gradzip.compress.base.Reduction`, update the residual.
+
+**Overlap.** DDP calls the hook once per bucket, in index order, while backward still runs.
+The hook compresses the bucket and *launches* its collectives at once; the returned futures
+are completed together when the last bucket (``bucket.is_last()``) arrives, so communication
+overlaps the rest of backward. All collectives are issued from the hook, in bucket order, on
+every rank. ``overlap=False`` completes every bucket before its hook returns.
+
+**Bucket rebuild.** DDP regroups parameters into new buckets after the first iteration (in the
+order their gradients became ready), so bucket ``i`` may hold other parameters afterwards. The
+state records which parameters (and sizes) each bucket index held; when a bucket's layout
+changes it cuts every stored residual (and DGC momentum/velocity) into per-parameter pieces and
+reassembles them for the new buckets, so error feedback survives the rebuild exactly. The
+server-side residuals of ``gather="scatter_gather"`` live on chunks of a bucket and are reset
+instead (counted in ``stats["resets"]``).
+
+**Checkpoints.** The state pickles without its process group and backend (``__getstate__``);
+after unpickling it talks over a new group of all ranks, built at the first hook call. Stored
+memory is keyed by bucket index with the bucket's parameter sizes: a bucket whose sizes match
+takes its memory back; any other starts from zero (counted in ``stats["resets"]``). A run
+restored into a fresh process sees DDP's initial buckets again, so it typically restarts its
+error feedback once.
+
+PyTorch's comm hooks: https://pytorch.org/docs/stable/ddp_comm_hooks.html
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from gradzip.allreduce.backend import Backend, Work, wire_bytes
+from gradzip.allreduce.strategies import Entry, Reduced, strategy_for
+from gradzip.compress.base import CompressionError, Compressor, Reduction, compressor
+
+__all__ = ["DDPHookState", "compressed_hook", "ddp_comm_hook"]
+
+GATHERS = ("allgather", "scatter_gather")
+SPARSES = ("allgather", "recursive")
+# (parameter id or None after unpickling, numel) per tensor of a bucket, in buffer order
+Layout = tuple[tuple[int | None, int], ...]
+_STATS = ("steps", "buckets", "dense_bytes", "dense_wire_bytes", "bytes_in", "bytes_sent")
+
+
+class _InFlight(NamedTuple):
+    """A launched bucket: its future, the strategy's work, and what completing it needs."""
+
+    future: torch.futures.Future[torch.Tensor]
+    work: Work[list[Reduced]]
+    key: int
+    compensated: torch.Tensor
+    buffer: torch.Tensor
+
+
+class DDPHookState:
+    """State of :func:`compressed_hook`; build it with :func:`ddp_comm_hook`.
+
+    ``backend`` replaces the torch.distributed group (e.g. ``LocalBackend`` to run the hook in
+    one process); see :func:`ddp_comm_hook` for the other options.
+
+    ``stats`` counts what went to the engine: ``dense_bytes`` (the bucket bytes plain DDP would
+    allreduce) against ``bytes_in`` (bytes this rank handed to collectives), and the modelled
+    wire bytes of both (``dense_wire_bytes``, ``bytes_sent``); :attr:`compression_ratio` is
+    ``dense_bytes / bytes_in``, measured.
+    """
+
+    def __init__(
+        self,
+        compression: str | Compressor,
+        *,
+        process_group: dist.ProcessGroup | None = None,
+        backend: Backend | None = None,
+        seed: int = 0,
+        gather: str = "allgather",
+        sparse: str = "allgather",
+        overlap: bool = True,
+        verify: bool = False,
+    ) -> None:
+        if process_group is not None and backend is not None:
+            raise ValueError("give process_group or backend, not both")
+        comp = compressor(compression)
+        if comp.reduction is Reduction.FACTORS:
+            raise CompressionError(
+                f"compression={comp.spec()!r} sends per-sample factors of nn.Linear layers, "
+                "which a DDP gradient bucket (a flat vector of finished gradients) does not "
+                "hold; use gradzip.DistributedOptimizer(..., compression='sfb') instead"
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed={seed!r}; expected an int >= 0")
+        if gather not in GATHERS:
+            raise ValueError(f"gather={gather!r}; expected one of {GATHERS}")
+        if sparse not in SPARSES:
+            raise ValueError(f"sparse={sparse!r}; expected one of {SPARSES}")
+        for flag, value in (("overlap", overlap), ("verify", verify)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag}={value!r}; expected True or False")
+        # what the user tunes
+        self.compression: Compressor = comp
+        self.seed = seed  # stochastic compressors draw from derive_seed(seed, step, bucket, rank)
+        self.gather = gather
+        self.sparse = sparse
+        # switches
+        self.overlap = overlap  # launch per bucket, complete all at the last bucket
+        self.verify = verify  # compare bucket layouts across ranks before each collective
+        # internal state
+        self.process_group = process_group
+        self.step = 0
+        self.memory: Any = comp.make_memory()
+        self.strategy = self._new_strategy()
+        self._layouts: dict[int, Layout] = {}
+        self._pool: dict[str, dict[int, torch.Tensor]] = {}  # per-parameter pieces on rebuild
+        self._pending: list[_InFlight] = []
+        self._backend: Backend | None = backend
+        # statistics
+        self.stats: dict[str, int] = dict.fromkeys((*_STATS, "rebuilds", "resets"), 0)
+
+    def _new_strategy(self) -> Any:
+        return strategy_for(
+            self.compression, gather=self.gather, sparse=self.sparse, verify=self.verify
+        )
+
+    @property
+    def backend(self) -> Backend:
+        """The backend over ``process_group`` (None: a new group of all ranks), built once."""
+        if self._backend is None:
+            from gradzip.allreduce.torch_dist import TorchDistBackend
+
+            self._backend = TorchDistBackend(self.process_group)
+        return self._backend
+
+    @property
+    def compression_ratio(self) -> float:
+        """Bucket bytes of plain DDP / bytes handed to collectives, over all steps so far."""
+        return self.stats["dense_bytes"] / max(self.stats["bytes_in"], 1)
+
+    def set_epoch(self, epoch: float) -> None:
+        """Tell epoch-dependent compressors (DGC's warm-up) the current epoch."""
+        at_epoch = getattr(self.compression, "at_epoch", None)
+        if at_epoch is not None:
+            self.compression = at_epoch(epoch)
+
+    # -- the pipeline -------------------------------------------------------------------------
+
+    def launch(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        """Compensate, compress and launch one bucket; complete all at the last one."""
+        buffer, index = bucket.buffer(), bucket.index()
+        try:
+            self._track_layout(index, bucket.parameters(), buffer.numel())
+            compensated = self.memory.compensate(index, buffer)
+            entry = Entry(index, compensated)
+            work = self.strategy.start(
+                self.backend, self.compression, [entry], seed=self.seed, step=self.step
+            )
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        self._pending.append(_InFlight(future, work, index, compensated, buffer))
+        self.stats["buckets"] += 1
+        self.stats["dense_bytes"] += buffer.numel() * buffer.element_size()
+        self.stats["dense_wire_bytes"] += wire_bytes(
+            "allreduce", buffer.numel() * buffer.element_size(), self.backend.size
+        )
+        if bucket.is_last() or not self.overlap:
+            self._complete(last=bucket.is_last())
+        return future
+
+    def _complete(self, *, last: bool) -> None:
+        """Wait for every launched bucket, write the averages back, update the memory."""
+        try:
+            while self._pending:
+                job = self._pending[0]
+                (result,) = job.work.wait()
+                if result.local is not None:
+                    self.memory.update(job.key, job.compensated, result.local)
+                job.buffer.copy_(result.reduced.reshape(-1))
+                self._pending.pop(0)
+                job.future.set_result(job.buffer)
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        finally:
+            stats = self.backend.stats
+            self.stats["bytes_in"] += stats.bytes_in
+            self.stats["bytes_sent"] += stats.bytes_sent
+            stats.reset()
+        if last:
+            self.step += 1
+            self.stats["steps"] += 1
+
+    def _fail(self, exc: BaseException) -> None:
+        """Fail every pending future, so no one waits on a bucket that will never finish."""
+        for job in self._pending:
+            if not job.future.done():
+                job.future.set_exception(exc)  # type: ignore[arg-type]  # torch stub: Tensor
+        self._pending.clear()
+
+    # -- bucket rebuilds ----------------------------------------------------------------------
+
+    def _track_layout(self, index: int, params: list[torch.Tensor], numel: int) -> None:
+        layout: Layout = tuple((id(p), p.numel()) for p in params)
+        if sum(n for _, n in layout) != numel:
+            raise CompressionError(
+                f"DDP bucket {index} holds {numel} gradient elements but its parameters have "
+                f"{sum(n for _, n in layout)}; cannot map its error feedback to parameters"
+            )
+        old = self._layouts.get(index)
+        if old is not None and old != layout:
+            restored = all(pid is None for pid, _ in old)
+            if restored and [n for _, n in old] == [n for _, n in layout]:
+                self._layouts[index] = layout  # unpickled memory fits: bind it to these params
+                return
+            self._pool_memory()
+        if index not in self._layouts and self._pool:
+            self._assemble(index, layout)
+        self._layouts[index] = layout
+
+    def _pool_memory(self) -> None:
+        """Cut all stored memory into per-parameter pieces (a rebuild started)."""
+        self.stats["rebuilds"] += 1
+        state = self.memory.state_dict()
+        for field, value in state.items():
+            if not _is_keyed(value):
+                continue
+            pool = self._pool.setdefault(field, {})
+            for key, flat in value.items():
+                layout = self._layouts.get(key)
+                if layout is None or any(pid is None for pid, _ in layout):
+                    self.stats["resets"] += 1
+                    continue
+                pieces = flat.reshape(-1).split([n for _, n in layout])
+                pool.update({pid: t for (pid, _), t in zip(layout, pieces, strict=True) if pid})
+            state[field] = {}
+        self.memory.load_state_dict(state)
+        if self.strategy.state_dict().get("server"):
+            self.stats["resets"] += 1
+        self.strategy = self._new_strategy()
+        self._layouts.clear()
+
+    def _assemble(self, index: int, layout: Layout) -> None:
+        """Memory of the new bucket ``index`` from the pooled per-parameter pieces."""
+        state = self.memory.state_dict()
+        for field, pool in self._pool.items():
+            pieces = [pool.pop(pid, None) if pid is not None else None for pid, _ in layout]
+            if all(p is None for p in pieces):
+                continue
+            like = next(p for p in pieces if p is not None)
+            state[field][index] = torch.cat(
+                [
+                    p.reshape(-1) if p is not None else like.new_zeros(n)
+                    for p, (_, n) in zip(pieces, layout, strict=True)
+                ]
+            )
+        self._pool = {f: p for f, p in self._pool.items() if p}
+        self.memory.load_state_dict(state)
+
+    # -- pickling -----------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but the process group, the backend and in-flight work."""
+        if self._pending:
+            raise RuntimeError("cannot pickle a DDPHookState while buckets are in flight")
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        state.pop("process_group")
+        state["memory"] = self.memory.state_dict()
+        state["strategy"] = self.strategy.state_dict()
+        state["layouts"] = {i: tuple((None, n) for _, n in lay) for i, lay in self._layouts.items()}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        memory, strategy, layouts = state.pop("memory"), state.pop("strategy"), state.pop("layouts")
+        self.__dict__.update(state)
+        self.process_group = None
+        self.memory = self.compression.make_memory()
+        self.memory.load_state_dict(memory)
+        self.strategy = self._new_strategy()
+        self.strategy.load_state_dict(strategy)
+        self._layouts, self._pool, self._pending, self._backend = dict(layouts), {}, [], None
+
+
+def _is_keyed(value: Any) -> bool:
+    """A memory field that maps bucket keys to tensors (residuals, momenta, velocities)."""
+    return isinstance(value, dict) and all(isinstance(t, torch.Tensor) for t in value.values())
+
+
+def compressed_hook(
+    state: DDPHookState, bucket: dist.GradBucket
+) -> torch.futures.Future[torch.Tensor]:
+    """The DDP comm hook: ``bucket`` compressed, averaged over ranks (see the module doc)."""
+    return state.launch(bucket)
+
+
+# DDP checks the hook's annotations against these objects; postponed evaluation made them strings
+compressed_hook.__annotations__ = {
+    "state": DDPHookState,
+    "bucket": dist.GradBucket,
+    "return": torch.futures.Future[torch.Tensor],
+}
+
+
+def ddp_comm_hook(
+    compression: str | Compressor,
+    *,
+    process_group: dist.ProcessGroup | None = None,
+    seed: int = 0,
+    gather: str = "allgather",
+    sparse: str = "allgather",
+    overlap: bool = True,
+    verify: bool = False,
+) -> tuple[DDPHookState, Any]:
+    """``(state, hook)`` for ``DistributedDataParallel.register_comm_hook(state, hook)``.
+
+    ``compression``: a compressor or a spec such as ``"topk:ratio=0.01"`` (any except SFB);
+    ``process_group``: the group to reduce over (None: a new group of all ranks, with gradzip's
+    timeout; every rank must call this); ``gather``/``sparse``: the strategy for GATHER and
+    SPARSE payloads (:func:`~gradzip.allreduce.strategies.strategy_for`); ``verify``: check
+    that ranks agree on every bucket before it moves (one tiny allreduce per bucket).
+    """
+    state = DDPHookState(
+        compression,
+        process_group=process_group,
+        seed=seed,
+        gather=gather,
+        sparse=sparse,
+        overlap=overlap,
+        verify=verify,
+    )
+    state.backend  # noqa: B018  (build it now: creating a group is collective)
+    return state, compressed_hook
