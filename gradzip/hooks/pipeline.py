@@ -100,16 +100,18 @@ class GradPipeline:
 
     # ------------------------------------------------------------------ the plan
     def _sfb_decisions(self) -> dict[int, bool]:
-        """Per SFB slot: do factors pay? From the largest batch any rank saw (one allreduce)."""
+        """Per SFB slot: do factors pay? From the rows of the first forward (all calls of the
+        layer), the most over ranks (one allreduce)."""
         idx = [i for i, s in enumerate(self.slots) if s.capture is not None]
         if not idx:
             return {}
-        rows = torch.tensor([self.slots[i].capture.max_rows for i in idx], dtype=torch.int64)  # type: ignore[union-attr]
+        rows = torch.tensor([self.slots[i].capture.rows for i in idx], dtype=torch.int64)  # type: ignore[union-attr]
         rows = self.backend.allreduce(rows, ReduceOp.MAX).wait()
         out = {}
         for i, b in zip(idx, rows.tolist(), strict=True):
             layer = self.slots[i].capture.layer  # type: ignore[union-attr]
-            out[i] = sfb_pays(int(b), layer.in_features, layer.out_features, self.backend.size)
+            batch = int(b) * self.passes_per_step  # factors of all passes travel together
+            out[i] = sfb_pays(batch, layer.in_features, layer.out_features, self.backend.size)
         return out
 
     def plan(self) -> list[list[int]]:
@@ -140,7 +142,7 @@ class GradPipeline:
         for b, (_, k, group) in enumerate(placed):
             for i in group:
                 self.slots[i].stream, self.slots[i].bucket = k, b
-        self._reset()
+        self.pending = [len(b) for b in self.buckets]
         return self.buckets
 
     def _reset(self) -> None:

@@ -1,8 +1,10 @@
 """Capture the sufficient factors of ``nn.Linear`` layers during training (Xie et al. 2016,
 https://arxiv.org/abs/1512.09295).
 
-A forward hook sees the layer's input ``X``; it hangs a hook on the output tensor, whose
-gradient ``dY`` arrives during backward just before the weight gradient ``dY^T X`` is formed.
+A forward hook sees the layer's input ``X``; it hangs a pre-hook on the autograd node of the
+layer's matmul, which receives ``dY`` during backward just before the weight gradient
+``dY^T X`` is formed (a node hook, not a tensor hook, so an in-place op on the output such as
+``ReLU(inplace=True)`` does not hide it).
 Each (X, dY) pair is kept, flattened to B x N and B x M, so a layer called several times per
 forward (or accumulated over several backward passes) has all its calls: the weight gradient
 is ``cat(dY)^T cat(X)``. A forward without backward leaves nothing behind (the output hook
@@ -34,6 +36,18 @@ def linear_weights(model: nn.Module) -> dict[str, nn.Linear]:
     return out
 
 
+def _producer(output: torch.Tensor) -> torch.autograd.graph.Node | None:
+    """The autograd node of the layer's matmul: past the reshapes of a >2-D input, because an
+    in-place op on a view output re-bases the view and drops its own node from the graph."""
+    node = output.grad_fn
+    while node is not None and ("View" in node.name() or "Reshape" in node.name()):
+        nxt = [n for n, _ in node.next_functions if n is not None]
+        if len(nxt) != 1:
+            break
+        node = nxt[0]
+    return node
+
+
 class FactorCapture:
     """Hooks on one ``nn.Linear``; ``payload()`` gives the factors of all captured calls."""
 
@@ -42,8 +56,8 @@ class FactorCapture:
         self.layer = layer
         self.inputs: list[torch.Tensor] = []
         self.grads: list[torch.Tensor] = []
-        #: the most rows (batch x leading dims) seen in one forward, for the cost model
-        self.max_rows = 0
+        #: rows (batch x leading dims, all calls) in forward since ``clear()``: the cost model's B
+        self.rows = 0
         self._handle: RemovableHandle | None = layer.register_forward_hook(self._forward)
 
     def _forward(self, module: nn.Module, args: tuple[object, ...], output: object) -> None:
@@ -55,13 +69,19 @@ class FactorCapture:
         if not isinstance(x, torch.Tensor):
             return
         x = x.detach().reshape(-1, self.layer.in_features)
-        self.max_rows = max(self.max_rows, x.shape[0])
+        self.rows += x.shape[0]
 
-        def on_grad(dy: torch.Tensor) -> None:
-            self.inputs.append(x)
-            self.grads.append(dy.detach().reshape(-1, self.layer.out_features))
+        node = _producer(output)
+        if node is None:
+            return
 
-        output.register_hook(on_grad)
+        def on_grad(grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
+            dy = grad_outputs[0]
+            if dy is not None:
+                self.inputs.append(x)
+                self.grads.append(dy.detach().reshape(-1, self.layer.out_features))
+
+        node.register_prehook(on_grad)
 
     @property
     def calls(self) -> int:
@@ -100,6 +120,7 @@ class FactorCapture:
             )
 
     def clear(self) -> None:
+        self.rows = 0
         self.inputs.clear()
         self.grads.clear()
 
