@@ -18,33 +18,22 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.data import Dataset, DataUnavailableError, load_image_dataset
-from benchmarks.measure import FactorCapture, Tally, median_ns
+from benchmarks.measure import VARIANTS, FactorCapture, Tally, bench_specs, median_ns
 from benchmarks.models import SmallCNN
 from benchmarks.report import machine_line, markdown_table, update_block, write_csv
-from gradzip import available, compressor
+from benchmarks.training import batches, evaluate, sgd_step
+from gradzip import compressor
 
-__all__ = ["HEADERS", "VARIANTS", "BenchConfig", "BenchResult", "bench_specs", "main", "run"]
+__all__ = ["HEADERS", "BenchConfig", "BenchResult", "main", "render", "run"]
 
 ROOT = Path(__file__).resolve().parents[1]
-#: option variants measured next to each compressor's defaults (skipped when not registered)
-VARIANTS = (
-    "qsgd:levels=7",
-    "qsgd:levels=127",
-    "terngrad:packing=2bit",
-    "terngrad:packing=base3",
-    "topk:ratio=0.01",
-    "topk:ratio=0.01,error_feedback=False",
-    "dgc:ratio=0.001",
-)
-#: row order of the known compressors (others follow, alphabetically)
-ORDER = ("none", "fp16", "bf16", "onebit", "qsgd", "terngrad", "topk", "dgc", "sfb")
 HEADERS = (
     "compressor",
     "reduction",
@@ -104,62 +93,6 @@ class BenchResult:
     notes: list[str]
 
 
-def bench_specs(variants: Sequence[str] = VARIANTS) -> tuple[list[str], list[str]]:
-    """(specs to measure, notes): each registered compressor with its defaults, then the
-    variants of registered ones. A variant equal to a default replaces its label; one whose
-    options do not parse is left out with a note."""
-    specs, built, notes = [], [], []
-    names = available()
-    names = [n for n in ORDER if n in names] + [n for n in names if n not in ORDER]
-    for name in names:
-        specs.append(name)
-        built.append(compressor(name))
-    for spec in variants:
-        name = spec.partition(":")[0]
-        if name not in names:
-            continue
-        try:
-            comp = compressor(spec)
-        except ValueError as err:
-            notes.append(f"variant {spec!r} left out: {err}")
-            continue
-        if comp in built:
-            i = built.index(comp)
-            specs[i] = spec if specs[i] == name else specs[i]
-        else:  # after the last row of the same compressor
-            i = max(j for j, s in enumerate(specs) if s.partition(":")[0] == name)
-            specs.insert(i + 1, spec)
-            built.insert(i + 1, comp)
-    return specs, notes
-
-
-def _batches(n: int, batch: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
-    while True:
-        order = torch.randperm(n, generator=gen)
-        for i in range(0, n - batch + 1, batch):
-            yield order[i : i + batch]
-
-
-@torch.no_grad()
-def _sgd_step(model: torch.nn.Module, lr: float) -> None:
-    """Plain SGD, ``p -= lr * grad`` (torch.optim would import torch._dynamo: seconds)."""
-    for p in model.parameters():
-        if p.grad is not None:
-            p.add_(p.grad, alpha=-lr)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, data: Dataset, batch: int = 1000) -> float:
-    """Top-1 accuracy on ``data``."""
-    model.eval()
-    correct = sum(
-        int((model(data.x[i : i + batch]).argmax(1) == data.y[i : i + batch]).sum())
-        for i in range(0, len(data.y), batch)
-    )
-    model.train()
-    return correct / max(1, len(data.y))
-
-
 def _row(t: Tally, n_tensors: int) -> list[str | int | float]:
     tensors = f"all {n_tensors}"
     if t.factors:
@@ -194,6 +127,39 @@ def _sfb_notes(capture: FactorCapture, batch: int, world_size: int = 4) -> list[
     ]
 
 
+def _train(
+    model: torch.nn.Module,
+    train: Dataset,
+    tallies: list[Tally],
+    capture: FactorCapture | None,
+    config: BenchConfig,
+    progress: bool,
+) -> None:
+    """Plain SGD on the dense gradients; every step also feeds each compressor's pipeline."""
+    start = time.perf_counter()
+    order = batches(len(train.y), config.batch_size, torch.Generator().manual_seed(config.seed))
+    checkpoints = set(config.checkpoint_steps())
+    for step in range(1, config.steps + 1):
+        idx = next(order)
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(train.x[idx]), train.y[idx])
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        clone_ns = None
+        if step in checkpoints:
+            clone_ns = {k: median_ns(g.clone, config.repeats) for k, g in grads.items()}
+        factors = capture.factors() if capture else None
+        for t in tallies:
+            t.step(step, grads, factors, clone_ns, config.repeats)
+        sgd_step(model, config.lr)
+        if progress and (step in checkpoints or step % 50 == 0):
+            elapsed = time.perf_counter() - start
+            print(
+                f"step {step}/{config.steps}  loss {loss.item():.3f}  {elapsed:.0f}s",
+                file=sys.stderr,
+            )
+
+
 def run(config: BenchConfig = BenchConfig(), progress: bool = False) -> BenchResult:
     """Train, run every compressor's pipeline on the gradients, return the table."""
     start = time.perf_counter()
@@ -207,29 +173,8 @@ def run(config: BenchConfig = BenchConfig(), progress: bool = False) -> BenchRes
         torch.manual_seed(config.seed)
         model = SmallCNN(tuple(train.x.shape[1:]), train.num_classes)
     capture = FactorCapture(model) if any(t.factors for t in tallies) else None
-    batches = _batches(len(train.y), config.batch_size, torch.Generator().manual_seed(config.seed))
-    checkpoints = set(config.checkpoint_steps())
     try:
-        for step in range(1, config.steps + 1):
-            idx = next(batches)
-            model.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(train.x[idx]), train.y[idx])
-            loss.backward()
-            grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-            clone_ns = None
-            if step in checkpoints:
-                clone_ns = {k: median_ns(g.clone, config.repeats) for k, g in grads.items()}
-            factors = capture.factors() if capture else None
-            for t in tallies:
-                t.step(step, grads, factors, clone_ns, config.repeats)
-            _sgd_step(model, config.lr)
-            if progress and (step in checkpoints or step % 50 == 0):
-                print(
-                    f"step {step}/{config.steps}  loss {loss.item():.3f}  "
-                    f"{time.perf_counter() - start:.0f}s",
-                    file=sys.stderr,
-                    flush=True,
-                )
+        _train(model, train, tallies, capture, config, progress)
     finally:
         if capture:
             capture.close()
@@ -239,16 +184,8 @@ def run(config: BenchConfig = BenchConfig(), progress: bool = False) -> BenchRes
     n_tensors = len(list(model.parameters()))
     rows = [_row(t, n_tensors) for t in tallies]
     parameters = sum(p.numel() for p in model.parameters())
-    return BenchResult(
-        rows,
-        accuracy,
-        train.name,
-        len(test.y),
-        parameters,
-        time.perf_counter() - start,
-        config,
-        notes,
-    )
+    seconds = time.perf_counter() - start
+    return BenchResult(rows, accuracy, train.name, len(test.y), parameters, seconds, config, notes)
 
 
 def render(result: BenchResult, command: str, brief: bool = False) -> str:
@@ -360,17 +297,8 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         else None
     )
     try:
-        config = BenchConfig(
-            args.steps,
-            args.batch_size,
-            args.lr,
-            args.checkpoints,
-            args.repeats,
-            args.seed,
-            args.train_limit,
-            args.test_limit,
-            specs,
-        )
+        names = [f.name for f in dataclasses.fields(BenchConfig) if f.name != "specs"]
+        config = BenchConfig(**{n: getattr(args, n) for n in names}, specs=specs)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     try:

@@ -24,16 +24,30 @@ import functools
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from benchmarks.models import linear_layers
-from gradzip import Compressor, Payload, Reduction, derive_seed
+from gradzip import Compressor, Payload, Reduction, available, compressor, derive_seed
 
-__all__ = ["FactorCapture", "Tally", "median_ns"]
+__all__ = ["ORDER", "VARIANTS", "FactorCapture", "Tally", "bench_specs", "median_ns"]
+
+#: option variants measured next to each compressor's defaults (skipped when not registered)
+VARIANTS = (
+    "qsgd:levels=7",
+    "qsgd:levels=127",
+    "terngrad:packing=2bit",
+    "terngrad:packing=base3",
+    "topk:ratio=0.01",
+    "topk:ratio=0.01,error_feedback=False",
+    "dgc:ratio=0.001",
+)
+#: row order of the known compressors (others follow, alphabetically)
+ORDER = ("none", "fp16", "bf16", "onebit", "qsgd", "terngrad", "topk", "dgc", "sfb")
+
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -209,3 +223,32 @@ class Tally:
         )
         den = sum(float(torch.sum(self._ref_sum[k] ** 2)) for k in self._ref_sum)
         return math.sqrt(num / den) if den > 0 else math.nan
+
+
+def bench_specs(variants: Sequence[str] = VARIANTS) -> tuple[list[str], list[str]]:
+    """(specs to measure, notes): each registered compressor with its defaults, then the
+    variants of registered ones. A variant equal to a default replaces its label; one whose
+    options do not parse is left out with a note."""
+    specs, built, notes = [], [], []
+    names = available()
+    names = [n for n in ORDER if n in names] + [n for n in names if n not in ORDER]
+    for name in names:
+        specs.append(name)
+        built.append(compressor(name))
+    for spec in variants:
+        name = spec.partition(":")[0]
+        if name not in names:
+            continue
+        try:
+            comp = compressor(spec)
+        except ValueError as err:
+            notes.append(f"variant {spec!r} left out: {err}")
+            continue
+        if comp in built:
+            i = built.index(comp)
+            specs[i] = spec if specs[i] == name else specs[i]
+        else:  # after the last row of the same compressor
+            i = max(j for j, s in enumerate(specs) if s.partition(":")[0] == name)
+            specs.insert(i + 1, spec)
+            built.insert(i + 1, comp)
+    return specs, notes
