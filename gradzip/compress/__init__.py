@@ -1,6 +1,15 @@
 """WHAT is sent: pure tensor -> payload transforms, one algorithm per module."""
 
-from gradzip.compress import dgc, fp16, none, sfb, topk  # noqa: F401  (registers the built-ins)
+from gradzip.compress import (  # noqa: F401  (registers the built-ins)
+    dgc,
+    fp16,
+    none,
+    onebit,
+    qsgd,
+    sfb,
+    terngrad,
+    topk,
+)
 from gradzip.compress.base import (
     CompressionError,
     Compressor,

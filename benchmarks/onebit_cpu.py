@@ -1,0 +1,80 @@
+"""Time of 1-bit SGD with error feedback on the CPU, as a ratio to ``residual.add_(grad)``.
+
+The target (issue 5): the torch path of onebit with error feedback costs at most 3x the plain
+in-place add of the gradient into the residual, on a 2**24-element fp32 gradient.
+
+    python benchmarks/onebit_cpu.py [--numel 16777216] [--repeats 15] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import gradzip
+from gradzip.compress.memory import ResidualMemory
+from gradzip.compress.onebit import OneBit
+
+__all__ = ["main"]
+
+
+def _best(fn: Callable[[], object], repeats: int) -> float:
+    """Median and minimum seconds of ``fn`` over ``repeats`` runs after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times), statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--numel", type=int, default=1 << 24, help="gradient size (elements)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed runs per measurement")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    grad = torch.randn(args.numel, generator=gen)
+    residual = torch.randn(args.numel, generator=gen)
+    comp = gradzip.compressor("onebit")
+    assert isinstance(comp, OneBit)
+
+    fused_mem = ResidualMemory()
+    fused_mem.residuals["g"] = residual.clone()
+    unfused_mem = ResidualMemory()
+    unfused_mem.residuals["g"] = residual.clone()
+
+    def unfused() -> None:
+        g = unfused_mem.compensate("g", grad)
+        payload, ctx = comp.compress(g)
+        unfused_mem.update("g", g, comp.decompress(payload, ctx))
+
+    rows = [
+        ("residual.add_(grad)", _best(lambda: residual.add_(grad), args.repeats)),
+        (
+            "onebit fused (compress_with_feedback)",
+            _best(lambda: comp.compress_with_feedback(fused_mem, "g", grad), args.repeats),
+        ),
+        ("onebit compress only", _best(lambda: comp.compress(grad), args.repeats)),
+        ("onebit unfused (compensate+compress+decompress+update)", _best(unfused, args.repeats)),
+    ]
+    base_min, base_med = rows[0][1]
+    print(f"numel={args.numel} threads={torch.get_num_threads()} repeats={args.repeats}")
+    print(f"{'step':58s} {'min ms':>8s} {'median ms':>10s} {'ratio(min)':>10s} {'ratio(med)':>10s}")
+    for name, (tmin, tmed) in rows:
+        print(
+            f"{name:58s} {tmin * 1e3:8.2f} {tmed * 1e3:10.2f} {tmin / base_min:10.2f} "
+            f"{tmed / base_med:10.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
