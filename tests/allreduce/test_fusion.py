@@ -182,3 +182,26 @@ def test_wire_bytes_model() -> None:
     assert wire_bytes("broadcast", 100, 4, root=False) == 0
     with pytest.raises(ValueError, match="unknown collective kind 'gather'"):
         wire_bytes("gather", 1, 2)
+
+
+def test_strategy_choice_and_state() -> None:
+    """strategy_for names the bad choice; scatter_gather's server residuals round-trip."""
+    from gradzip.allreduce.strategies import ScatterGatherStrategy
+
+    with pytest.raises(ValueError, match=r"gather='ring' is not a strategy.*scatter_gather"):
+        strategy_for(Sign(), gather="ring")
+    with pytest.raises(ValueError, match=r"sparse='x'.*recursive"):
+        strategy_for(gradzip.compressor("topk"), sparse="x")
+    sg = strategy_for(Sign(), gather="scatter_gather")
+    assert isinstance(sg, ScatterGatherStrategy)
+    g = torch.randn(50)
+    sg.start(LocalBackend(), Sign(), [Entry("g", g)]).wait()
+    state = sg.state_dict()
+    assert set(state["server"]["residuals"]) == {"g"}
+    state["server"]["residuals"]["g"] = torch.randn(50)  # as if a 4-rank run left a residual
+    results = []
+    for strategy in (ScatterGatherStrategy(), ScatterGatherStrategy(), ScatterGatherStrategy()):
+        if len(results) < 2:
+            strategy.load_state_dict(state)
+        results.append(strategy.start(LocalBackend(), Sign(), [Entry("g", g)]).wait()[0].reduced)
+    assert torch.equal(results[0], results[1]) and not torch.equal(results[0], results[2])
