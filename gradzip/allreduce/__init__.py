@@ -11,6 +11,7 @@ from gradzip.allreduce.strategies import (
     AllreduceStrategy,
     ScatterGatherStrategy,
     Strategy,
+    TernarySumStrategy,
     strategy_for,
 )
 from gradzip.allreduce.torch_dist import TorchDistBackend
@@ -29,6 +30,7 @@ __all__ = [
     "ScatterGatherStrategy",
     "SparseStrategy",
     "Strategy",
+    "TernarySumStrategy",
     "TorchDistBackend",
     "Work",
     "sparse_allgather",

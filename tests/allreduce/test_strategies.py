@@ -41,6 +41,12 @@ def compressors() -> dict[str, Compressor]:
     return out
 
 
+def strategies(c: Compressor) -> tuple[str, ...]:
+    """The strategies that apply to ``c``: by reduction kind, plus ternary_sum for TernGrad."""
+    extra = ("ternary_sum",) if hasattr(c, "ternarize") else ()
+    return STRATEGIES[c.reduction] + extra
+
+
 def make_strategy(c: Compressor, how: str):  # type: ignore[no-untyped-def]
     kind = c.reduction
     if kind is Reduction.GATHER:
@@ -81,7 +87,7 @@ def bytes_compressor() -> Compressor:
 def battery(backend: Backend) -> dict[str, Any]:
     out: dict[str, Any] = {"results": {}, "bytes": {}}
     for name, c in compressors().items():
-        for how in STRATEGIES[c.reduction]:
+        for how in strategies(c):
             # a small fusion size so the 5 tensors travel in several buckets
             out["results"][name, how] = _steps(backend, c, how, fusion=2048)
     for how in ("allgather", "scatter_gather"):
@@ -94,7 +100,7 @@ def runs() -> dict[int, list[dict[str, Any]]]:
     return {p: run_ranks(battery, p, timeout_s=120) for p in (2, 4)}
 
 
-CASES = [(n, h) for n, c in compressors().items() for h in STRATEGIES[c.reduction]]
+CASES = [(n, h) for n, c in compressors().items() for h in strategies(c)]
 
 
 @pytest.mark.parametrize("world", [2, 4])
