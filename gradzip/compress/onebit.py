@@ -298,6 +298,8 @@ class OneBit(Compressor):
         (about two passes over memory instead of ten); afterwards ``residual == (old residual
         + grad) - decompress(payload)`` holds exactly, as with the unfused steps. A NaN/Inf
         gradient raises a CompressionError naming ``key`` and leaves the residual unchanged.
+        For fp16/bf16 gradients ``decompress`` returns the gradient's dtype; the residual is
+        taken against the fp32 decoded values, as in the unfused steps.
         """
         if not isinstance(memory, ResidualMemory) or not self.error_feedback:
             compensated = memory.compensate(key, grad)
