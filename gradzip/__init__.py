@@ -10,16 +10,24 @@ from gradzip.compress import (
     derive_seed,
     register,
 )
+from gradzip.hooks.broadcast import broadcast_optimizer_state, broadcast_parameters
 from gradzip.hooks.ddp import ddp_comm_hook
+from gradzip.hooks.optimizer import Average, DistributedOptimizer, Op, Sum
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Average",
     "CompressionError",
     "Compressor",
+    "DistributedOptimizer",
+    "Op",
     "Payload",
     "Reduction",
+    "Sum",
     "available",
+    "broadcast_optimizer_state",
+    "broadcast_parameters",
     "compressor",
     "derive_seed",
     "ddp_comm_hook",
