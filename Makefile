@@ -7,7 +7,7 @@ STAMP := $(VENV)/.gradzip-installed
 TORCH ?= torch==2.13.0
 FASHION := /usr/share/datasets/fashion-mnist
 
-.PHONY: bench test lint data install clean
+.PHONY: bench test lint data install clean horovod
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,12 @@ data:
 bench: $(STAMP) data
 	$(PY) -m benchmarks.compressors
 
-test: $(STAMP)
+# Horovod 0.28.1 built from its PyPI sdist with PyTorch + Gloo; the wheel is cached under
+# ~/.cache/gradzip, so a second run (a fresh clone on the same machine too) takes seconds.
+horovod: $(STAMP)
+	bash scripts/build_horovod.sh $(PY)
+
+test: $(STAMP) horovod
 	$(PY) -m pytest -q -x -p no:cacheprovider
 
 lint: $(STAMP)
