@@ -92,16 +92,25 @@ class BenchResult:
     config: BenchConfig
     notes: list[str]
 
+    @property
+    def failed(self) -> list[str]:
+        """Labels of the compressors whose row is n/a because their pipeline raised."""
+        return [
+            str(row[0])
+            for row in self.rows
+            if any(isinstance(c, float) and math.isnan(c) for c in row[4:])
+        ]
+
 
 def _row(t: Tally, n_tensors: int) -> list[str | int | float]:
     tensors = f"all {n_tensors}"
     if t.factors:
         tensors = f"Linear only ({len(t.keys)} of {n_tensors}; conv: n/a)"
+    head: list[str | int | float] = [t.label, t.comp.reduction.value, t.memory_name, tensors]
+    if t.failure is not None or not t.clone_ns:
+        return [*head, *[math.nan] * (len(HEADERS) - len(head))]
     return [
-        t.label,
-        t.comp.reduction.value,
-        t.memory_name,
-        tensors,
+        *head,
         t.ratio,
         t.error,
         t.drift,
@@ -149,8 +158,11 @@ def _train(
         if step in checkpoints:
             clone_ns = {k: median_ns(g.clone, config.repeats) for k, g in grads.items()}
         factors = capture.factors() if capture else None
-        for t in tallies:
-            t.step(step, grads, factors, clone_ns, config.repeats)
+        for t in (t for t in tallies if t.failure is None):
+            try:
+                t.step(step, grads, factors, clone_ns, config.repeats)
+            except Exception as err:  # one broken compressor must not lose the whole table
+                t.failure = f"failed at step {step}: {type(err).__name__}: {err}"
         sgd_step(model, config.lr)
         if progress and (step in checkpoints or step % 50 == 0):
             elapsed = time.perf_counter() - start
@@ -180,6 +192,7 @@ def run(config: BenchConfig = BenchConfig(), progress: bool = False) -> BenchRes
             capture.close()
     if capture:
         notes += _sfb_notes(capture, config.batch_size)
+    notes += [f"**{t.label}** {t.failure}" for t in tallies if t.failure]
     accuracy = evaluate(model, test)
     n_tensors = len(list(model.parameters()))
     rows = [_row(t, n_tensors) for t in tallies]
@@ -318,6 +331,9 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             print(f"updated the compressors block of {readme}")
         else:
             print(f"note: {readme} has no <!-- bench:compressors --> markers; left unchanged")
+    if result.failed:
+        print(f"error: compressors failed: {', '.join(result.failed)} (see the notes)")
+        return 1
     return 0
 
 

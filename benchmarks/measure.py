@@ -25,7 +25,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -98,6 +98,16 @@ class FactorCapture:
             handle.remove()
 
 
+class _Unit(NamedTuple):
+    """What one payload covers: its tensors, their pipeline inputs, and the steps around it."""
+
+    keys: list[str]
+    inputs: list[torch.Tensor]  # what the compressor is given (compensated), per key
+    compress: Callable[[], tuple[Payload, Any]]
+    decompress: Callable[[Payload, Any], list[torch.Tensor]]
+    finish: Callable[[list[torch.Tensor]], None]  # the memory update
+
+
 class Tally:
     """One compressor's pipeline state (its memory) and its running measurements."""
 
@@ -108,6 +118,8 @@ class Tally:
         momentum = getattr(comp, "momentum", 0.0)
         self.momentum = float(momentum) if isinstance(momentum, (int, float)) else 0.0
         self.keys: list[str] = []
+        #: why the pipeline stopped for this compressor (the run goes on without it), or None
+        self.failure: str | None = None
         self.dense_bytes = self.payload_bytes = 0
         self.errors: list[float] = []
         self.compress_ns = self.decompress_ns = self.clone_ns = 0.0
@@ -133,10 +145,10 @@ class Tally:
             self._factor_units(factors, grads) if self.factors else self._dense_units(step, grads)
         )
         err_sq = ref_sq = 0.0
-        for keys, inputs, compress, decompress, finish in units:
-            payload, ctx = compress()
-            outs = decompress(payload, ctx)
-            for key, x, d in zip(keys, inputs, outs, strict=True):
+        for unit in units:
+            payload, ctx = unit.compress()
+            outs = unit.decompress(payload, ctx)
+            for key, x, d in zip(unit.keys, unit.inputs, outs, strict=True):
                 self._accumulate(key, grads[key], d)
                 if clone_ns is not None:
                     err_sq += float(torch.sum((x.float() - d.float()) ** 2))
@@ -145,15 +157,15 @@ class Tally:
                     self.clone_ns += clone_ns[key]
             if clone_ns is not None:
                 self.payload_bytes += payload.nbytes
-                self.compress_ns += median_ns(compress, repeats)
+                self.compress_ns += median_ns(unit.compress, repeats)
                 self.decompress_ns += median_ns(
-                    functools.partial(decompress, payload, ctx), repeats
+                    functools.partial(unit.decompress, payload, ctx), repeats
                 )
-            finish(outs)
+            unit.finish(outs)
         if clone_ns is not None:
             self.errors.append(math.sqrt(err_sq / ref_sq) if ref_sq > 0 else 0.0)
 
-    def _dense_units(self, step: int, grads: dict[str, torch.Tensor]) -> list[Any]:
+    def _dense_units(self, step: int, grads: dict[str, torch.Tensor]) -> list[_Unit]:
         comp, memory = self.comp, self.memory
         assert memory is not None
         if not self.keys:
@@ -172,19 +184,17 @@ class Tally:
             def finish(outs: list[torch.Tensor], key: str = key, x: torch.Tensor = x) -> None:
                 memory.update(key, x, outs[0])  # consumes x
 
-            units.append(([key], [x], compress, decompress, finish))
+            units.append(_Unit([key], [x], compress, decompress, finish))
         return units
 
-    def _factor_units(self, factors: Factors | None, grads: dict[str, torch.Tensor]) -> list[Any]:
+    def _factor_units(self, factors: Factors | None, grads: dict[str, torch.Tensor]) -> list[_Unit]:
         if factors is None:
             raise ValueError(f"{self.label} compresses Linear-layer factors; none were captured")
         comp: Any = self.comp
         units = []
         for layer, (x, dy) in factors.items():
-            keys = [f"{layer}.weight", f"{layer}.bias"]
-            keys = [k for k in keys if k in grads]
-            if not self.keys or keys[0] not in self.keys:
-                self.keys += keys
+            keys = [k for k in (f"{layer}.weight", f"{layer}.bias") if k in grads]
+            self.keys += [k for k in keys if k not in self.keys]
 
             def compress(x: torch.Tensor = x, dy: torch.Tensor = dy) -> tuple[Payload, Any]:
                 return comp.compress_factors(x, dy)
@@ -193,7 +203,8 @@ class Tally:
                 outs = [comp.decompress(payload, ctx)]
                 return [*outs, comp.decompress_bias(payload, ctx)] if n == 2 else outs
 
-            units.append((keys, [grads[k] for k in keys], compress, decompress, lambda o: None))
+            inputs = [grads[k] for k in keys]
+            units.append(_Unit(keys, inputs, compress, decompress, lambda outs: None))
         return units
 
     def _accumulate(self, key: str, grad: torch.Tensor, sent: torch.Tensor) -> None:

@@ -127,3 +127,20 @@ def test_cli_replaces_the_readme_block(tmp_path: Path) -> None:
 def test_cli_rejects_unknown_compressor() -> None:
     with pytest.raises(SystemExit, match="unknown compressor 'nosuch'"):
         bench.main([*TINY_ARGS, "--compressors", "nosuch"])
+
+
+def test_a_failing_compressor_gets_an_na_row_and_exit_code_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gradzip.compress.fp16 import FP16
+
+    def broken(self: object, tensor: torch.Tensor, **kwargs: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(FP16, "compress", broken)
+    args = [*TINY_ARGS, "--compressors", "none;fp16", "--out", str(tmp_path), "--no-readme"]
+    assert bench.main(args) == 1
+    text = (tmp_path / "compressors.md").read_text()
+    assert "| none | sum | NoMemory | all 8 | 1 |" in text
+    assert "| fp16 | sum | NoMemory | all 8 | n/a |" in text
+    assert "failed at step 1: RuntimeError: boom" in text
