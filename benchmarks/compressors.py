@@ -8,7 +8,8 @@ checkpoint steps it also measures bytes, error and speed; :mod:`benchmarks.measu
 each figure. It prints one table row per compressor (and per option variant that matters:
 QSGD 4- and 8-bit, TernGrad 2-bit and base-3 packing, top-k 1% with and without error
 feedback, DGC 0.1%), and writes the table to ``benchmarks/results/compressors.{md,csv}`` and
-into README.md between ``<!-- bench:compressors -->`` markers.
+into README.md between ``<!-- bench:compressors -->`` markers. A compressor whose pipeline
+raises gets a row of n/a and a note, the others are still measured, and the exit code is 1.
 """
 
 from __future__ import annotations
