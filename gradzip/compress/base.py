@@ -88,7 +88,8 @@ class Payload:
 
     @staticmethod
     def from_bytes(buf: torch.Tensor, layout: tuple[tuple[torch.dtype, int], ...]) -> Payload:
-        """Inverse of :meth:`to_bytes` for a known layout (views into ``buf``, no copies)."""
+        """Inverse of :meth:`to_bytes` for a known layout (views into ``buf``; a part that is
+        not aligned to its element size is copied)."""
         expected = sum(n * torch.empty(0, dtype=d).element_size() for d, n in layout)
         if buf.dtype != torch.uint8 or buf.numel() != expected:
             raise CompressionError(
@@ -99,6 +100,9 @@ class Payload:
         for dtype, numel in layout:
             size = numel * torch.empty(0, dtype=dtype).element_size()
             chunk = buf[offset : offset + size]
+            itemsize = torch.empty(0, dtype=dtype).element_size()
+            if chunk.storage_offset() % itemsize:
+                chunk = chunk.clone()  # a view needs the part aligned to its element size
             empty = torch.empty(0, dtype=dtype, device=buf.device)
             parts.append(chunk.view(dtype) if size else empty)
             offset += size

@@ -45,6 +45,13 @@ def test_payload_bytes_round_trip() -> None:
         assert torch.equal(a, b)
 
 
+def test_payload_bytes_round_trip_misaligned() -> None:
+    # 3 bytes of bits, then fp32 scales: the scales start at an odd byte offset
+    parts = (torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([0.5, -2.0]))
+    back = Payload.from_bytes(Payload(parts).to_bytes(), Payload(parts).layout())
+    assert torch.equal(back[0], parts[0]) and torch.equal(back[1], parts[1])
+
+
 def test_payload_rejects_non_flat() -> None:
     with pytest.raises(CompressionError, match="flat and contiguous"):
         Payload((torch.zeros(2, 2),))
