@@ -76,8 +76,11 @@ trap 'rm -rf "$WORK"' EXIT
 
 log "building horovod $HVD_VERSION for $KEY (takes ~10 minutes on 2 cores) in $WORK"
 "$PY" -m pip install -q "${BUILD_DEPS[@]}"
-"$PY" -m pip download -q --no-deps --no-binary :all: -d "$WORK" "horovod==$HVD_VERSION"
-tar -xzf "$WORK/horovod-$HVD_VERSION.tar.gz" -C "$WORK"
+# The sdist is kept one level up: a rebuild for another python or torch needs no download.
+SDIST="$(dirname "$OUT")/horovod-$HVD_VERSION.tar.gz"
+[ -f "$SDIST" ] || "$PY" -m pip download -q --no-deps --no-binary :all: \
+    -d "$(dirname "$OUT")" "horovod==$HVD_VERSION"
+tar -xzf "$SDIST" -C "$WORK"
 SRC="$WORK/horovod-$HVD_VERSION"
 
 for f in "$SRC/CMakeLists.txt" "$SRC/horovod/torch/CMakeLists.txt"; do
