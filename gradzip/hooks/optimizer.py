@@ -63,8 +63,10 @@ class _DistributedMixin:
     _gz_hooks: list[Any]
 
     def synchronize(self) -> None:
-        """Finish sending every gradient and write the reduced ones into ``.grad``."""
-        self._gz.synchronize()
+        """Finish sending every gradient and write the reduced ones into ``.grad``. A no-op
+        when no gradient arrived since the last synchronization."""
+        if self._gz.dirty:
+            self._gz.synchronize()
         self._gz_synced = True
 
     @contextlib.contextmanager
@@ -254,6 +256,11 @@ def DistributedOptimizer(
     (seed, step, name, rank). ``gather``/``sparse``: the strategies of
     :func:`gradzip.allreduce.strategies.strategy_for`. Parameters with ``requires_grad=False``
     when wrapping are never communicated.
+
+    DGC: the wrapped optimizer must have no momentum, and its warm-up runs only if the loop
+    calls ``opt.set_epoch(epoch)`` at the start of every epoch (without it DGC sends its final
+    ``ratio`` from the first step). Checkpoints: ``state_dict()`` holds this rank's residuals;
+    save and load it on every rank.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
