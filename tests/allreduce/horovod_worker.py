@@ -43,10 +43,11 @@ def check_allreduce(b: HorovodBackend) -> None:
         assert out.dtype == dtype, (dtype, out.dtype)
         assert torch.equal(out.to(torch.int64), want.sum(0)), f"allreduce sum {dtype}"
         assert out.data_ptr() == x.data_ptr(), f"allreduce {dtype} not written into its input"
-    for op, fn in [(ReduceOp.MAX, torch.amax), (ReduceOp.MIN, torch.amin)]:
-        x = ints(r, 37, torch.int32, salt=9)
-        want = fn(torch.stack([ints(q, 37, torch.int32, salt=9) for q in range(p)]), dim=0)
-        assert torch.equal(b.allreduce(x, op).wait(), want), f"allreduce {op}"
+    for dtype in [torch.int32, torch.int64, torch.float32]:
+        for op, fn in [(ReduceOp.MAX, torch.amax), (ReduceOp.MIN, torch.amin)]:
+            x = ints(r, 37, dtype, salt=9)
+            want = fn(torch.stack([ints(q, 37, dtype, salt=9) for q in range(p)]), dim=0)
+            assert torch.equal(b.allreduce(x, op).wait(), want), f"allreduce {op} {dtype}"
     # a non-contiguous input is reduced too, and the result lands in it
     base = ints(r, 24, torch.float32, salt=11).view(4, 6)
     x = base.t()

@@ -68,6 +68,7 @@ def run_job(np: int, out: Path) -> list[dict]:
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("np", [2, 4])
 def test_collectives_under_horovodrun(np: int, tmp_path: Path) -> None:
     results = run_job(np, tmp_path)
