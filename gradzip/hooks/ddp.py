@@ -15,26 +15,25 @@ are completed together when the last bucket (``bucket.is_last()``) arrives, so c
 overlaps the rest of backward. All collectives are issued from the hook, in bucket order, on
 every rank. ``overlap=False`` completes every bucket before its hook returns.
 
-**Bucket rebuild.** DDP regroups parameters into new buckets after the first iteration (in the
-order their gradients became ready), so bucket ``i`` may hold other parameters afterwards. The
-state records which parameters (and sizes) each bucket index held; when a bucket's layout
-changes it cuts every stored residual (and DGC momentum/velocity) into per-parameter pieces and
-reassembles them for the new buckets, so error feedback survives the rebuild exactly. The
+**Bucket rebuild.** DDP regroups parameters into new buckets after the first iteration, so
+bucket ``i`` may hold other parameters afterwards. The memory is a
+:class:`~gradzip.hooks.bucket_memory.BucketMemory`: it notices the new layout and carries
+residuals (and DGC momenta/velocities) per parameter into the new buckets, exactly. The
 server-side residuals of ``gather="scatter_gather"`` live on chunks of a bucket and are reset
 instead (counted in ``stats["resets"]``).
 
-**Checkpoints.** The state pickles without its process group and backend (``__getstate__``);
-after unpickling it talks over a new group of all ranks, built at the first hook call. Stored
-memory is keyed by bucket index with the bucket's parameter sizes: a bucket whose sizes match
-takes its memory back; any other starts from zero (counted in ``stats["resets"]``). A run
-restored into a fresh process sees DDP's initial buckets again, so it typically restarts its
-error feedback once.
+**Checkpoints.** The state pickles without its process group and backend; after unpickling it
+talks over a new group of all ranks, built at the first hook call. A bucket whose index and
+parameter sizes match the pickled ones takes its memory back; any other starts from zero
+(counted in ``stats["resets"]``). A run restored into a fresh process sees DDP's initial
+buckets again, so it typically restarts its error feedback once.
 
 PyTorch's comm hooks: https://pytorch.org/docs/stable/ddp_comm_hooks.html
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import torch
@@ -43,13 +42,13 @@ import torch.distributed as dist
 from gradzip.allreduce.backend import Backend, Work, wire_bytes
 from gradzip.allreduce.strategies import Entry, Reduced, strategy_for
 from gradzip.compress.base import CompressionError, Compressor, Reduction, compressor
+from gradzip.compress.dgc import DGC
+from gradzip.hooks.bucket_memory import BucketMemory
 
 __all__ = ["DDPHookState", "compressed_hook", "ddp_comm_hook"]
 
 GATHERS = ("allgather", "scatter_gather")
 SPARSES = ("allgather", "recursive")
-# (parameter id or None after unpickling, numel) per tensor of a bucket, in buffer order
-Layout = tuple[tuple[int | None, int], ...]
 _STATS = ("steps", "buckets", "dense_bytes", "dense_wire_bytes", "bytes_in", "bytes_sent")
 
 
@@ -116,14 +115,13 @@ class DDPHookState:
         # internal state
         self.process_group = process_group
         self.step = 0
-        self.memory: Any = comp.make_memory()
+        self.memory = BucketMemory(comp.make_memory())
         self.strategy = self._new_strategy()
-        self._layouts: dict[int, Layout] = {}
-        self._pool: dict[str, dict[int, torch.Tensor]] = {}  # per-parameter pieces on rebuild
         self._pending: list[_InFlight] = []
         self._backend: Backend | None = backend
+        self._counted = (0, 0)  # backend byte counters already added to the statistics
         # statistics
-        self.stats: dict[str, int] = dict.fromkeys((*_STATS, "rebuilds", "resets"), 0)
+        self.counters: dict[str, int] = dict.fromkeys(_STATS, 0)
 
     def _new_strategy(self) -> Any:
         return strategy_for(
@@ -140,9 +138,14 @@ class DDPHookState:
         return self._backend
 
     @property
+    def stats(self) -> dict[str, int]:
+        """The byte and step counters, and the memory's ``rebuilds`` and ``resets``."""
+        return {**self.counters, "rebuilds": self.memory.rebuilds, "resets": self.memory.resets}
+
+    @property
     def compression_ratio(self) -> float:
         """Bucket bytes of plain DDP / bytes handed to collectives, over all steps so far."""
-        return self.stats["dense_bytes"] / max(self.stats["bytes_in"], 1)
+        return self.counters["dense_bytes"] / max(self.counters["bytes_in"], 1)
 
     def set_epoch(self, epoch: float) -> None:
         """Tell epoch-dependent compressors (DGC's warm-up) the current epoch."""
@@ -155,9 +158,14 @@ class DDPHookState:
     def launch(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         """Compensate, compress and launch one bucket; complete all at the last one."""
         buffer, index = bucket.buffer(), bucket.index()
+        if self.counters["buckets"] == 0:
+            self._fit_world(self.backend.size)
         try:
-            self._track_layout(index, bucket.parameters(), buffer.numel())
-            compensated = self.memory.compensate(index, buffer)
+            if self.memory.track(index, bucket.parameters(), buffer.numel()):
+                if self.strategy.state_dict().get("server"):
+                    self.memory.resets += 1
+                self.strategy = self._new_strategy()
+            compensated = self.memory.memory.compensate(index, buffer)
             entry = Entry(index, compensated)
             work = self.strategy.start(
                 self.backend, self.compression, [entry], seed=self.seed, step=self.step
@@ -167,14 +175,20 @@ class DDPHookState:
             raise
         future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
         self._pending.append(_InFlight(future, work, index, compensated, buffer))
-        self.stats["buckets"] += 1
-        self.stats["dense_bytes"] += buffer.numel() * buffer.element_size()
-        self.stats["dense_wire_bytes"] += wire_bytes(
-            "allreduce", buffer.numel() * buffer.element_size(), self.backend.size
-        )
+        dense = buffer.numel() * buffer.element_size()
+        self.counters["buckets"] += 1
+        self.counters["dense_bytes"] += dense
+        self.counters["dense_wire_bytes"] += wire_bytes("allreduce", dense, self.backend.size)
         if bucket.is_last() or not self.overlap:
             self._complete(last=bucket.is_last())
         return future
+
+    def _fit_world(self, size: int) -> None:
+        """DGC scales its clipping threshold by the world size: fill in the default of 1."""
+        c = self.compression
+        if isinstance(c, DGC) and c.world_size == 1 and size > 1:
+            self.compression = dataclasses.replace(c, world_size=size)
+            self.memory = BucketMemory(self.compression.make_memory())
 
     def _complete(self, *, last: bool) -> None:
         """Wait for every launched bucket, write the averages back, update the memory."""
@@ -183,7 +197,7 @@ class DDPHookState:
                 job = self._pending[0]
                 (result,) = job.work.wait()
                 if result.local is not None:
-                    self.memory.update(job.key, job.compensated, result.local)
+                    self.memory.memory.update(job.key, job.compensated, result.local)
                 job.buffer.copy_(result.reduced.reshape(-1))
                 self._pending.pop(0)
                 job.future.set_result(job.buffer)
@@ -191,13 +205,20 @@ class DDPHookState:
             self._fail(exc)
             raise
         finally:
-            stats = self.backend.stats
-            self.stats["bytes_in"] += stats.bytes_in
-            self.stats["bytes_sent"] += stats.bytes_sent
-            stats.reset()
+            self._count_bytes()
         if last:
             self.step += 1
-            self.stats["steps"] += 1
+            self.counters["steps"] += 1
+
+    def _count_bytes(self) -> None:
+        """Add what the backend counted since the last call (it may be shared: no reset)."""
+        stats = self.backend.stats
+        seen_in, seen_sent = self._counted
+        if stats.bytes_in < seen_in or stats.bytes_sent < seen_sent:
+            seen_in = seen_sent = 0  # someone reset the backend's counters
+        self.counters["bytes_in"] += stats.bytes_in - seen_in
+        self.counters["bytes_sent"] += stats.bytes_sent - seen_sent
+        self._counted = (stats.bytes_in, stats.bytes_sent)
 
     def _fail(self, exc: BaseException) -> None:
         """Fail every pending future, so no one waits on a bucket that will never finish."""
@@ -205,65 +226,6 @@ class DDPHookState:
             if not job.future.done():
                 job.future.set_exception(exc)  # type: ignore[arg-type]  # torch stub: Tensor
         self._pending.clear()
-
-    # -- bucket rebuilds ----------------------------------------------------------------------
-
-    def _track_layout(self, index: int, params: list[torch.Tensor], numel: int) -> None:
-        layout: Layout = tuple((id(p), p.numel()) for p in params)
-        if sum(n for _, n in layout) != numel:
-            raise CompressionError(
-                f"DDP bucket {index} holds {numel} gradient elements but its parameters have "
-                f"{sum(n for _, n in layout)}; cannot map its error feedback to parameters"
-            )
-        old = self._layouts.get(index)
-        if old is not None and old != layout:
-            restored = all(pid is None for pid, _ in old)
-            if restored and [n for _, n in old] == [n for _, n in layout]:
-                self._layouts[index] = layout  # unpickled memory fits: bind it to these params
-                return
-            self._pool_memory()
-        if index not in self._layouts and self._pool:
-            self._assemble(index, layout)
-        self._layouts[index] = layout
-
-    def _pool_memory(self) -> None:
-        """Cut all stored memory into per-parameter pieces (a rebuild started)."""
-        self.stats["rebuilds"] += 1
-        state = self.memory.state_dict()
-        for field, value in state.items():
-            if not _is_keyed(value):
-                continue
-            pool = self._pool.setdefault(field, {})
-            for key, flat in value.items():
-                layout = self._layouts.get(key)
-                if layout is None or any(pid is None for pid, _ in layout):
-                    self.stats["resets"] += 1
-                    continue
-                pieces = flat.reshape(-1).split([n for _, n in layout])
-                pool.update({pid: t for (pid, _), t in zip(layout, pieces, strict=True) if pid})
-            state[field] = {}
-        self.memory.load_state_dict(state)
-        if self.strategy.state_dict().get("server"):
-            self.stats["resets"] += 1
-        self.strategy = self._new_strategy()
-        self._layouts.clear()
-
-    def _assemble(self, index: int, layout: Layout) -> None:
-        """Memory of the new bucket ``index`` from the pooled per-parameter pieces."""
-        state = self.memory.state_dict()
-        for field, pool in self._pool.items():
-            pieces = [pool.pop(pid, None) if pid is not None else None for pid, _ in layout]
-            if all(p is None for p in pieces):
-                continue
-            like = next(p for p in pieces if p is not None)
-            state[field][index] = torch.cat(
-                [
-                    p.reshape(-1) if p is not None else like.new_zeros(n)
-                    for p, (_, n) in zip(pieces, layout, strict=True)
-                ]
-            )
-        self._pool = {f: p for f, p in self._pool.items() if p}
-        self.memory.load_state_dict(state)
 
     # -- pickling -----------------------------------------------------------------------------
 
@@ -275,24 +237,18 @@ class DDPHookState:
         state.pop("process_group")
         state["memory"] = self.memory.state_dict()
         state["strategy"] = self.strategy.state_dict()
-        state["layouts"] = {i: tuple((None, n) for _, n in lay) for i, lay in self._layouts.items()}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
-        memory, strategy, layouts = state.pop("memory"), state.pop("strategy"), state.pop("layouts")
+        memory, strategy = state.pop("memory"), state.pop("strategy")
         self.__dict__.update(state)
         self.process_group = None
-        self.memory = self.compression.make_memory()
+        self.memory = BucketMemory(self.compression.make_memory())
         self.memory.load_state_dict(memory)
         self.strategy = self._new_strategy()
         self.strategy.load_state_dict(strategy)
-        self._layouts, self._pool, self._pending, self._backend = dict(layouts), {}, [], None
-
-
-def _is_keyed(value: Any) -> bool:
-    """A memory field that maps bucket keys to tensors (residuals, momenta, velocities)."""
-    return isinstance(value, dict) and all(isinstance(t, torch.Tensor) for t in value.values())
+        self._pending, self._backend, self._counted = [], None, (0, 0)
 
 
 def compressed_hook(

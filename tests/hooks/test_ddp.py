@@ -33,6 +33,11 @@ from gradzip.hooks.ddp import DDPHookState, compressed_hook
 LOSSY = ["fp16", "bf16", "topk:ratio=0.01", "dgc:ratio=0.01,warmup_epochs=0"] + [
     spec for spec in ("onebit", "qsgd", "terngrad") if spec in gradzip.available()
 ]
+# the other strategies, as labelled runs: label -> (spec, options of ddp_comm_hook)
+STRATEGIES = {
+    "topk recursive": ("topk:ratio=0.01", {"sparse": "recursive"}),
+    "onebit scatter_gather": ("onebit", {"gather": "scatter_gather"}),
+}
 STEPS, BATCH, N_TRAIN = 40, 32, 2560
 
 
@@ -69,6 +74,7 @@ def _exact_runs(backend: Any) -> dict[str, Any]:
         ("plain", None, {}),
         ("none", "none", {}),
         ("none_sync", "none", {"overlap": False}),
+        ("onebit_sg", "onebit", {"gather": "scatter_gather"}),
     ):
         torch.manual_seed(0)
         ddp, state = _ddp(Branchy(), spec, **kw)
@@ -92,10 +98,11 @@ def _train(backend: Any, data: tuple[torch.Tensor, torch.Tensor]) -> dict[str, A
     mine = slice(backend.rank, None, backend.size)
     xs, ys = x[mine], y[mine]
     out: dict[str, Any] = {}
-    for spec in [None, *LOSSY]:
+    runs = {"None": (None, {}), **{s: (s, {}) for s in LOSSY}, **STRATEGIES}
+    for label, (spec, kw) in runs.items():
         torch.manual_seed(0)
         model = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
-        ddp, state = _ddp(model, spec)
+        ddp, state = _ddp(model, spec, **kw)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
         sums = []
         for step in range(STEPS):
@@ -106,11 +113,12 @@ def _train(backend: Any, data: tuple[torch.Tensor, torch.Tensor]) -> dict[str, A
             sums.append(_flat_params(model).double().sum().item())
         with torch.no_grad():
             loss = nn.functional.cross_entropy(model(x), y).item()
-        out[str(spec)] = {"loss": loss, "sums": sums, "final": _flat_params(model)}
+        out[label] = {"loss": loss, "sums": sums, "final": _flat_params(model)}
         if state is not None:
             restored = pickle.loads(pickle.dumps(state))
-            out[str(spec)]["ratio"] = state.compression_ratio
-            out[str(spec)]["memory_equal"] = _memories_equal(state, restored)
+            out[label]["ratio"] = state.compression_ratio
+            out[label]["memory_equal"] = _memories_equal(state, restored)
+            out[label]["compression"] = state.compression
     return out
 
 
@@ -164,17 +172,25 @@ def test_bucket_rebuild_is_detected(exact: list[dict[str, Any]]) -> None:
     assert stats["buckets"] == 1 + 2 * 4
     assert exact[0]["none_pickled"] == stats
     assert stats["bytes_in"] == stats["dense_bytes"]  # "none" sends the buckets as they are
+    # scatter_gather's server residuals live on chunks of the old buckets: reset, and counted
+    sg = exact[0]["onebit_sg_stats"]
+    assert sg["rebuilds"] == 1 and sg["resets"] == 1
+    assert torch.equal(exact[0]["onebit_sg"], exact[1]["onebit_sg"])
 
 
 def test_lossy_compressors_train_and_ranks_agree(trained: list[dict[str, Any]]) -> None:
     plain = trained[0]["None"]["loss"]
     assert plain < 0.9, f"plain DDP reached only {plain:.3f}; the threshold below assumes < 0.9"
-    for spec in LOSSY:
+    for spec in [*LOSSY, *STRATEGIES]:
         r0, r1 = trained[0][spec], trained[1][spec]
         assert r0["sums"] == r1["sums"], f"{spec}: ranks diverged"
         assert torch.equal(r0["final"], r1["final"]), f"{spec}: ranks diverged"
         assert r0["loss"] < 1.0, f"{spec}: loss {r0['loss']:.3f} (plain DDP: {plain:.3f})"
         assert r0["memory_equal"], f"{spec}: memory did not survive pickling"
+
+
+def test_dgc_clipping_scales_with_the_world_size(trained: list[dict[str, Any]]) -> None:
+    assert trained[0]["dgc:ratio=0.01,warmup_epochs=0"]["compression"].world_size == 2
 
 
 def test_sparse_compressors_send_fewer_bytes(trained: list[dict[str, Any]]) -> None:
@@ -217,15 +233,15 @@ def test_rebuild_carries_residuals_per_parameter() -> None:
     state = DDPHookState("topk:ratio=0.1", backend=LocalBackend())
     p1, p2, p3 = _params(0, 30, 20, 10)
     compressed_hook(state, FakeBucket(0, [p1, p2, p3], last=True)).wait()  # type: ignore[arg-type]
-    r1, r2, r3 = state.memory.residuals[0].split([30, 20, 10])
+    r1, r2, r3 = state.memory.memory.residuals[0].split([30, 20, 10])
     for p in (p1, p2, p3):
         p.grad = torch.zeros_like(p)  # now compensated == residual
     a, b = FakeBucket(0, [p3, p2], last=False), FakeBucket(1, [p1], last=True)
     fa, fb = compressed_hook(state, a), compressed_hook(state, b)  # type: ignore[arg-type]
     out_a, out_b = fa.wait(), fb.wait()
     assert state.stats["rebuilds"] == 1 and state.stats["resets"] == 0
-    assert torch.equal(out_a + state.memory.residuals[0], torch.cat([r3, r2]))
-    assert torch.equal(out_b + state.memory.residuals[1], r1)
+    assert torch.equal(out_a + state.memory.memory.residuals[0], torch.cat([r3, r2]))
+    assert torch.equal(out_b + state.memory.memory.residuals[1], r1)
 
 
 def test_futures_complete_at_the_last_bucket() -> None:
@@ -285,4 +301,4 @@ def test_nan_bucket_fails_every_pending_future() -> None:
         compressed_hook(state, FakeBucket(1, [p2], last=True))  # type: ignore[arg-type]
     with pytest.raises(CompressionError, match="NaN"):
         first.wait()
-    assert 1 not in state.memory.residuals
+    assert 1 not in state.memory.memory.residuals
