@@ -209,6 +209,9 @@ class GradPipeline:
                 raise CompressionError(f"parameter {s.name!r} has a sparse gradient; unsupported")
         while len(self.launched) < len(buckets):
             self._launch(len(self.launched))
+        if not self.slots:  # every parameter frozen: nothing to agree on
+            self.step += 1
+            return
         flags = torch.tensor([int(s.passes > 0) for s in self.slots], dtype=torch.int32)
         used = self.backend.allreduce(flags, ReduceOp.MAX).wait().tolist()
         for done in self.launched:
