@@ -19,6 +19,7 @@ from gradzip.compress.kernels.dispatch import (
     kernel_decompress,
     kernel_module,
     mode,
+    shared_stat,
     triton_available,
     use_kernel,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "kernel_decompress",
     "kernel_module",
     "mode",
+    "shared_stat",
     "triton_available",
     "use_kernel",
 ]

@@ -42,6 +42,7 @@ __all__ = [
     "kernel_decompress",
     "kernel_module",
     "mode",
+    "shared_stat",
     "triton_available",
     "use_kernel",
 ]
@@ -173,6 +174,16 @@ def decompress(comp: Compressor, payload: Payload, ctx: Any) -> torch.Tensor:
     return out if out is not None else comp.decompress(payload, ctx)
 
 
+def shared_stat(comp: Compressor, tensor: torch.Tensor) -> torch.Tensor | None:
+    """``comp.shared_stat`` (TernGrad's local scaler) through the kernel when there is one."""
+    if use_kernel(comp, tensor):
+        module = kernel_module(comp.name)
+        if module is not None and hasattr(module, "shared_stat"):
+            stat: torch.Tensor = module.shared_stat(comp, tensor)
+            return stat
+    return comp.shared_stat(tensor)
+
+
 def decompress_sum(
     comp: Compressor, payloads: list[Payload], ctxs: list[Any], *, scale: float = 1.0
 ) -> torch.Tensor:
@@ -193,9 +204,9 @@ def decompress_sum(
         if module is not None and hasattr(module, "decompress_sum"):
             out: torch.Tensor = module.decompress_sum(comp, payloads, ctxs, scale=scale)
             return out
-    total: torch.Tensor | None = None
-    for payload, ctx in zip(payloads, ctxs, strict=True):
+    # rank order, the first sum out of place: a decompressed tensor may alias its payload
+    total = comp.decompress(payloads[0], ctxs[0]).to(torch.float32)
+    for i, (payload, ctx) in enumerate(zip(payloads[1:], ctxs[1:], strict=True)):
         part = comp.decompress(payload, ctx).to(torch.float32)
-        total = part if total is None else total.add_(part)
-    assert total is not None
-    return total.mul_(scale) if scale != 1.0 else total
+        total = total + part if i == 0 else total.add_(part)
+    return total * scale if scale != 1.0 else total
