@@ -39,7 +39,7 @@ def test_dtypes_and_exact_scalers(dtype: torch.dtype) -> None:
     x = _randn((45, 23), dtype, 3)
     # without clipping the scaler is a max: exact; with dyadic data the sum of squares is
     # exact too, and so are sigma, the clip bound and the scaler
-    dyadic = (torch.randint(-64, 64, (45, 23), generator=torch.Generator().manual_seed(1)) / 8)
+    dyadic = torch.randint(-64, 64, (45, 23), generator=torch.Generator().manual_seed(1)) / 8
     for comp, t in ((TernGrad(clip=None), x), (TernGrad(), dyadic.to(dtype))):
         payload, ctx = kernels.compress(comp, t, seed=2)
         ref, _ = comp.compress(t, seed=2)
