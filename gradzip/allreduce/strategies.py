@@ -27,6 +27,7 @@ import torch
 
 from gradzip.allreduce.backend import Backend, DoneWork, MappedWork, ReduceOp, Work
 from gradzip.allreduce.fusion import Entry, Reduced, check_consistent, pack, unpack
+from gradzip.compress import kernels
 from gradzip.compress.base import (
     CompressionError,
     Compressor,
@@ -53,11 +54,20 @@ __all__ = [
 
 
 def agree_shared(
-    backend: Backend, compressor: Compressor, tensors: Sequence[torch.Tensor]
+    backend: Backend,
+    compressor: Compressor,
+    tensors: Sequence[torch.Tensor],
+    *,
+    kernel: bool = True,
 ) -> list[torch.Tensor | None]:
     """The MAX over ranks of ``compressor.shared_stat`` of each tensor (one allreduce), so all
-    ranks compress with the same scaler (TernGrad); Nones when the compressor has none."""
-    stats = [compressor.shared_stat(t) for t in tensors]
+    ranks compress with the same scaler (TernGrad); Nones when the compressor has none.
+
+    ``kernel``: take the statistic as :func:`kernels.compress` will (the GPU kernel for CUDA
+    tensors); False when the torch code compresses afterwards (its own statistic is the bound
+    the shared value is checked against)."""
+    stat = kernels.shared_stat if kernel else type(compressor).shared_stat
+    stats = [stat(compressor, t) for t in tensors]
     if not stats or all(s is None for s in stats):
         return [None] * len(tensors)
     if any(s is None for s in stats):
@@ -80,7 +90,7 @@ def compress_entries(
             payload, ctx = e.payload, e.ctx
         else:
             s = derive_seed(seed, step, e.key, backend.rank)
-            payload, ctx = compressor.compress(e.tensor, seed=s, shared=shared[e.key])
+            payload, ctx = kernels.compress(compressor, e.tensor, seed=s, shared=shared[e.key])
         payloads.append(payload)
         ctxs.append(ctx)
     return payloads, ctxs  # type: ignore[return-value]
@@ -144,7 +154,7 @@ def local_results(
 ) -> list[torch.Tensor | None]:
     if not c.error_feedback:
         return [None] * len(payloads)
-    return [c.decompress(p, x) for p, x in zip(payloads, ctxs, strict=True)]
+    return [kernels.decompress(c, p, x) for p, x in zip(payloads, ctxs, strict=True)]
 
 
 class AllreduceStrategy(Strategy):
@@ -186,19 +196,17 @@ def combine(c: Compressor, payloads: Sequence[Payload], ctx: Any) -> torch.Tenso
     """Sum over ranks of ``decompress(payload_r)``, in fp32, in rank order.
 
     SPARSE and FACTORS payloads concatenate into one payload whose ``decompress`` is that sum
-    (repeated indices add up; ``cat(dY)^T cat(X)`` is one matmul); others decompress each.
+    (repeated indices add up; ``cat(dY)^T cat(X)`` is one matmul); GATHER payloads go to
+    :func:`kernels.decompress_sum` (one receive-side kernel for CUDA payloads, no dense
+    tensor per rank; rank by rank on the torch path).
     """
     if c.reduction in (Reduction.SPARSE, Reduction.FACTORS) and payloads:
         n_parts = len(payloads[0])
         joined = Payload(tuple(torch.cat([p[i] for p in payloads]) for i in range(n_parts)))
         return c.decompress(joined, ctx).to(torch.float32)
-    total: torch.Tensor | None = None
-    for p in payloads:
-        d = c.decompress(p, ctx).to(torch.float32)
-        total = d if total is None else total + d
-    if total is None:
+    if not payloads:
         raise CompressionError("combine needs at least one payload")
-    return total
+    return kernels.decompress_sum(c, list(payloads), [ctx] * len(payloads))
 
 
 class AllgatherStrategy(Strategy):
@@ -270,7 +278,9 @@ class ScatterGatherStrategy(Strategy):
         local: list[torch.Tensor | None] = [None] * len(entries)
         if c.error_feedback:
             local = [
-                torch.cat([c.decompress(p, x).reshape(-1) for p, x in zip(ps, xs, strict=True)])
+                torch.cat(
+                    [kernels.decompress(c, p, x).reshape(-1) for p, x in zip(ps, xs, strict=True)]
+                )
                 for ps, xs in zip(payloads, ctxs, strict=True)
             ]
         me, p = backend.rank, backend.size
@@ -291,7 +301,10 @@ class ScatterGatherStrategy(Strategy):
             out = []
             for i, e in enumerate(entries):
                 total = torch.cat(
-                    [c.decompress(parts[j][i], ctxs[i][j]).float().reshape(-1) for j in range(p)]
+                    [
+                        kernels.decompress(c, parts[j][i], ctxs[i][j]).float().reshape(-1)
+                        for j in range(p)
+                    ]
                 )
                 shaped = total.view(_shape(e))
                 loc = None if local[i] is None else local[i].view(_shape(e))  # type: ignore[union-attr]
@@ -314,10 +327,10 @@ class ScatterGatherStrategy(Strategy):
         assert self.server is not None
         total = combine(c, received, ctx)
         compensated = self.server.compensate(e.key, total)
-        shared = c.shared_stat(compensated)
+        shared = kernels.shared_stat(c, compensated)
         s = derive_seed(seed, step, f"{e.key}/server", me)
-        payload, sctx = c.compress(compensated, seed=s, shared=shared)
-        self.server.update(e.key, compensated, c.decompress(payload, sctx))
+        payload, sctx = kernels.compress(c, compensated, seed=s, shared=shared)
+        self.server.update(e.key, compensated, kernels.decompress(c, payload, sctx))
         return payload
 
     def state_dict(self) -> dict[str, Any]:
@@ -352,7 +365,7 @@ class TernarySumStrategy(Strategy):
                 f"got {c.spec()!r}"
             )
         tensors = [_flat(e) for e in entries]
-        shared = agree_shared(backend, c, tensors)
+        shared = agree_shared(backend, c, tensors, kernel=False)  # ternarize is torch code
         ternary = [
             ternarize(t, seed=derive_seed(seed, step, e.key, backend.rank), shared=s)
             for e, t, s in zip(entries, tensors, shared, strict=True)
