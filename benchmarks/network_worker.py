@@ -33,12 +33,10 @@ from torch import nn
 
 from benchmarks.data import Dataset, load_image_dataset
 from benchmarks.models import MLP, SmallCNN
+from benchmarks.network_peers import PEERS, ddp_step
 from gradzip.allreduce.torch_dist import TorchDistBackend
 
-__all__ = ["PEERS", "WorkerConfig", "load_datasets", "save_datasets", "worker_main"]
-
-#: torch DDP runs (method name -> comm hook)
-PEERS = ("ddp", "ddp-fp16", "ddp-powersgd")
+__all__ = ["WorkerConfig", "load_datasets", "loss_backward", "save_datasets", "worker_main"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +114,7 @@ def _new_model(cfg: WorkerConfig, data: Dataset) -> nn.Module:
     return SmallCNN(tuple(data.x.shape[1:]), data.num_classes)
 
 
-def _loss_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+def loss_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     F.cross_entropy(model(x), y).backward()
 
 
@@ -124,7 +122,7 @@ def _dense_step(model: nn.Module, opt: torch.optim.Optimizer, backend: TorchDist
                 x: torch.Tensor, y: torch.Tensor) -> None:  # fmt: skip
     """The baseline: one flat fp32 allreduce of all gradients, averaged, then the update."""
     opt.zero_grad(set_to_none=False)
-    _loss_backward(model, x, y)
+    loss_backward(model, x, y)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     flat = backend.allreduce(torch.cat([g.reshape(-1) for g in grads])).wait()
     flat /= backend.size
@@ -133,52 +131,6 @@ def _dense_step(model: nn.Module, opt: torch.optim.Optimizer, backend: TorchDist
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
     opt.step()
-
-
-class _Counter:
-    """Bytes of the tensors handed to ``torch.distributed.all_reduce`` (for the DDP hooks)."""
-
-    def __init__(self) -> None:
-        self.bytes = 0
-        self._orig = dist.all_reduce
-
-        @functools.wraps(self._orig)
-        def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            self.bytes += tensor.numel() * tensor.element_size()
-            return self._orig(tensor, *args, **kwargs)
-
-        dist.all_reduce = counted
-
-    def close(self) -> None:
-        dist.all_reduce = self._orig
-
-
-def _ddp_step(method: str, model: nn.Module, cfg: WorkerConfig) -> tuple[Step, Callable[[], None]]:
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    ddp = DDP(model)
-    if method == "ddp-fp16":
-        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
-    elif method == "ddp-powersgd":
-        # the settings torch's documentation suggests: rank 1 and a dense start of 10% of steps
-        state = powerSGD_hook.PowerSGDState(
-            process_group=None,
-            matrix_approximation_rank=cfg.powersgd_rank,
-            start_powerSGD_iter=max(2, cfg.steps // 10),
-        )
-        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
-    else:  # plain DDP, through the hook that equals its built-in allreduce (to count bytes)
-        ddp.register_comm_hook(None, default_hooks.allreduce_hook)
-    opt = torch.optim.SGD(ddp.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    counter = _Counter()
-
-    def run(x: torch.Tensor, y: torch.Tensor) -> None:
-        opt.zero_grad(set_to_none=False)
-        _loss_backward(ddp, x, y)
-        opt.step()
-
-    return Step(model, run, lambda: counter.bytes), counter.close
 
 
 def _gradzip_step(spec: str, model: nn.Module, cfg: WorkerConfig,
@@ -197,7 +149,7 @@ def _gradzip_step(spec: str, model: nn.Module, cfg: WorkerConfig,
 
     def run(x: torch.Tensor, y: torch.Tensor) -> None:
         opt.zero_grad()
-        _loss_backward(model, x, y)
+        loss_backward(model, x, y)
         opt.step()
 
     at_step = None
@@ -218,7 +170,7 @@ def _build(method: str, cfg: WorkerConfig, data: Dataset,
            backend: TorchDistBackend) -> tuple[Step, Callable[[], None]]:  # fmt: skip
     model = _new_model(cfg, data)
     if method in PEERS:
-        return _ddp_step(method, model, cfg)
+        return ddp_step(method, model, cfg)
     if method == "none":
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
         run = functools.partial(_dense_step, model, opt, backend)
@@ -274,7 +226,7 @@ def _compute_step(cfg: WorkerConfig, data: Dataset) -> Step:
 
     def run(x: torch.Tensor, y: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=False)
-        _loss_backward(model, x, y)
+        loss_backward(model, x, y)
         opt.step()
 
     return Step(model, run, lambda: 0)
