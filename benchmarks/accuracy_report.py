@@ -135,9 +135,9 @@ def build_rows(
 
 
 def write_tables(
-    out_dir: Path, task: str, metric_name: str, rows: list[list[Any]], notes: Sequence[str]
+    out_dir: Path, stem: str, metric_name: str, rows: list[list[Any]], notes: Sequence[str]
 ) -> str:
-    """Write ``accuracy_<task>.md`` and ``.csv``; returns the markdown."""
+    """Write ``accuracy_<stem>.md`` and ``.csv``; returns the markdown."""
     headers = list(HEADERS)
     headers[1] = "accuracy %" if metric_name == "accuracy" else "bits/char"
     headers[2] = "gap to none (pp)" if metric_name == "accuracy" else "gap to none (bits/char)"
@@ -145,8 +145,8 @@ def write_tables(
     if notes:
         text += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"accuracy_{task}.md").write_text(text)
-    write_csv(out_dir / f"accuracy_{task}.csv", headers, rows)
+    (out_dir / f"accuracy_{stem}.md").write_text(text)
+    write_csv(out_dir / f"accuracy_{stem}.csv", headers, rows)
     return text
 
 

@@ -230,7 +230,7 @@ def train_method(
         counter.active = False
         step_bytes.append(w.take_bytes())
         train_s += time.perf_counter() - start
-        losses.append(float(loss))
+        losses.append(loss.item())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{method}: the loss became {float(loss)} at step {step + 1}")
         if step + 1 in evals:

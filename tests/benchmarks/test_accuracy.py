@@ -110,6 +110,6 @@ def test_shakespeare_task_has_a_held_out_play() -> None:
     import torch
 
     loss = task.loss(model, torch.tensor([0, 100, 4000]))
-    assert math.isfinite(float(loss))
+    assert math.isfinite(loss.item())
     bits, count = task.metric(model, 0, 1, None)
     assert count == 599 and 0 < bits / count < 10  # an untrained model: about log2(vocab)
