@@ -11,7 +11,8 @@ view, or flat buckets of ``bucket_size``).
    means rounded to fp32 as in the reference.
 2. ``_pack_kernel``: the sign bytes, and with error feedback ``r -= decoded`` in place.
 3. ``_unpack_sum_kernel`` (receive side): for every element, the decoded values of all ranks'
-   payloads summed in registers and written once, scaled; no dense tensor per rank.
+   payloads (each rounded to the gradient dtype, as the reference's decompress does) summed
+   in registers and written once, scaled; no dense tensor per rank.
 
 The sign bytes equal the reference's bit for bit; a scale may differ in its last bit where the
 fp32 partial sums are added in another order (exact when the sums are, e.g. for dyadic data).
@@ -25,6 +26,7 @@ import triton.language as tl
 
 from gradzip.compress.base import CompressionError, DenseCtx, Payload, check_dtype
 from gradzip.compress.kernels.dispatch import block_size, check_launch
+from gradzip.compress.kernels.rounding import ROUNDING, round_to
 from gradzip.compress.memory import Memory, ResidualMemory, check_finite
 from gradzip.compress.onebit import OneBit
 
@@ -122,6 +124,7 @@ def _unpack_sum_kernel(
     ranks,  # number of payloads
     factor,  # fp32: scale of the sum (1 / world size for an average)
     COLUMNS: tl.constexpr,  # how an element finds its group
+    ROUND: tl.constexpr,  # round each rank's value to fp32 (0), fp16 (1) or bf16 (2)
     BLOCK: tl.constexpr,  # elements per program
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -131,7 +134,8 @@ def _unpack_sum_kernel(
     for r in range(ranks):
         byte = tl.load(bits_ptr + r * nbytes + offs // 8, mask=inside, other=0).to(tl.int32)
         neg = (byte >> (offs % 8).to(tl.int32)) & 1
-        acc += tl.load(scale_ptr + r * nscales + 2 * group + neg, mask=inside, other=0.0)
+        value = tl.load(scale_ptr + r * nscales + 2 * group + neg, mask=inside, other=0.0)
+        acc += round_to(value, ROUND)
     tl.store(out_ptr + offs, acc * factor, mask=inside)
 
 
@@ -212,10 +216,16 @@ def pack(x: torch.Tensor, scale: torch.Tensor, lay: Layout, update: bool) -> tor
 
 
 def unpack_sum(
-    bits: torch.Tensor, scale: torch.Tensor, lay: Layout, out: torch.Tensor, factor: float = 1.0
+    bits: torch.Tensor,
+    scale: torch.Tensor,
+    lay: Layout,
+    out: torch.Tensor,
+    factor: float = 1.0,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Receive side: ``out = factor * sum_r decode(bits[r], scale[r])``; ``bits`` is
-    ``[ranks, ceil(n/8)]`` uint8, ``scale`` ``[ranks, 2 * groups]`` fp32, ``out`` flat."""
+    ``[ranks, ceil(n/8)]`` uint8, ``scale`` ``[ranks, 2 * groups]`` fp32, ``out`` flat; each
+    decoded value rounded to ``dtype`` first (as the reference's decompress to that dtype)."""
     check_launch("onebit.unpack_sum", bits, scale, out)
     if lay.n:
         block = block_size(lay.n, 2048)
@@ -230,6 +240,7 @@ def unpack_sum(
             bits.shape[0],
             float(factor),
             COLUMNS=lay.columns,
+            ROUND=ROUNDING[dtype],
             BLOCK=block,
         )
     return out
@@ -311,7 +322,7 @@ def decompress(comp: OneBit, payload: Payload, ctx: DenseCtx) -> torch.Tensor:
     lay = _layout(comp, ctx.shape)
     _check_payload(comp, payload, ctx, lay)
     out = torch.empty(lay.n, dtype=torch.float32, device=payload[0].device)
-    unpack_sum(payload[0].view(1, -1), payload[1].view(1, -1), lay, out)
+    unpack_sum(payload[0].view(1, -1), payload[1].view(1, -1), lay, out, dtype=ctx.dtype)
     # fp16/bf16: cast by torch (round to nearest even, as the reference)
     return out.to(ctx.dtype).view(ctx.shape)
 
@@ -323,10 +334,10 @@ def decompress_sum(
     ctx = ctxs[0]
     lay = _layout(comp, ctx.shape)
     for p, c in zip(payloads, ctxs, strict=True):
-        if c.shape != ctx.shape:
-            raise CompressionError(f"ranks disagree on the shape: {c.shape} vs {ctx.shape}")
+        if c.shape != ctx.shape or c.dtype != ctx.dtype:
+            raise CompressionError(f"ranks disagree on the tensor: {c} vs {ctx}")
         _check_payload(comp, p, c, lay)
     bits = torch.stack([p[0] for p in payloads])  # compressed bytes only: n/8 per rank
     scales_all = torch.stack([p[1] for p in payloads])
     out = torch.empty(lay.n, dtype=torch.float32, device=bits.device)
-    return unpack_sum(bits, scales_all, lay, out, scale).view(ctx.shape)
+    return unpack_sum(bits, scales_all, lay, out, scale, ctx.dtype).view(ctx.shape)

@@ -34,37 +34,12 @@ import triton.language as tl
 
 from gradzip.compress.base import CompressionError, DenseCtx, Payload, check_dtype
 from gradzip.compress.kernels.dispatch import block_size, check_launch
+from gradzip.compress.kernels.rounding import ROUNDING, round_to
 from gradzip.compress.kernels.uniform import uniform_quads
 from gradzip.compress.packing import packed_size
 from gradzip.compress.qsgd import QSGD
 
-__all__ = [
-    "ROUNDING",
-    "compress",
-    "decompress",
-    "decompress_sum",
-    "norms",
-    "quantize",
-    "round_to",
-    "supports",
-]
-
-# how the receive side rounds each rank's decoded value: like reference decompress's .to(dtype)
-ROUNDING = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
-@triton.jit
-def round_to(value, ROUND: tl.constexpr):
-    """fp32 ``value`` rounded to fp16 (``ROUND == 1``) or bf16 (2), to nearest even as torch's
-    ``.to(dtype)``, and back to fp32; bf16 by bit arithmetic (finite values), which gives the
-    same result compiled and in the interpreter (whose own bf16 cast truncates)."""
-    if ROUND == 1:
-        value = value.to(tl.float16, fp_downcast_rounding="rtne").to(tl.float32)
-    elif ROUND == 2:
-        bits = value.to(tl.uint32, bitcast=True)
-        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-        value = bits.to(tl.float32, bitcast=True)
-    return value
+__all__ = ["compress", "decompress", "decompress_sum", "norms", "quantize", "supports"]
 
 
 @triton.jit

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from gradzip.compress.base import CompressionError, DenseCtx, Payload, check_dtype
 from gradzip.compress.kernels.dispatch import block_size, check_launch
-from gradzip.compress.kernels.qsgd import ROUNDING, round_to
+from gradzip.compress.kernels.rounding import ROUNDING, round_to
 from gradzip.compress.kernels.uniform import uniform, uniform_quads
 from gradzip.compress.terngrad import TernGrad
 

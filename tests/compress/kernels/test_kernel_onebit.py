@@ -84,14 +84,20 @@ def test_fused_error_feedback_refuses_nan(load: Load) -> None:
 
 
 @pytest.mark.parametrize("shape", [(1023,), (96, 7)])
-def test_receive_side_sums_all_ranks(load: Load, shape: tuple[int, ...]) -> None:
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_receive_side_sums_all_ranks(
+    load: Load, shape: tuple[int, ...], dtype: torch.dtype
+) -> None:
     comp = OneBit(bucket_size=64)
     grads = [torch.randn(shape, generator=torch.Generator().manual_seed(r)) for r in range(4)]
-    pairs = [comp.compress(g) for g in grads]
+    pairs = [comp.compress(g.to(dtype)) for g in grads]
     total = kernels.decompress_sum(comp, [p for p, _ in pairs], [c for _, c in pairs], scale=0.25)
-    expect = sum(comp.decompress(p, c) for p, c in pairs) / 4
+    # each rank rounded to its dtype as by the reference, then summed in fp32 in rank order
+    expect = comp.decompress(*pairs[0]).float()
+    for p, c in pairs[1:]:
+        expect = expect + comp.decompress(p, c).float()
     assert total.dtype == torch.float32 and total.shape == torch.Size(shape)
-    assert torch.allclose(total, expect, rtol=1e-6, atol=1e-7)
+    assert torch.equal(total, expect * 0.25)
 
 
 def test_wrong_payload_size_is_named(load: Load) -> None:
