@@ -25,6 +25,8 @@ VENV_BIN = Path(sys.executable).parent
 STEPS = ["--steps", "30", "--log-every", "10"]
 FIRST_LOSS = math.log(10)  # cross-entropy of a uniform guess over 10 classes
 
+pytestmark = pytest.mark.slow  # two process launches each (torch import, rendezvous)
+
 
 def _env() -> dict[str, str]:
     return dict(
