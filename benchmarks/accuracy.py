@@ -24,6 +24,7 @@ import json
 import os
 import resource
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -139,25 +140,32 @@ def _launch(cfg: WorkerConfig, work: Path, methods: tuple[str, ...]) -> list[sub
     ]
 
 
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        p.wait()
+
+
 def _wait(procs: list[subprocess.Popen], work: Path, bar: Any) -> bool:
-    """Wait for the ranks, updating the bar; stop the others as soon as one fails."""
+    """Wait for the ranks, updating the bar; stop the others as soon as one fails (and all of
+    them on Ctrl-C or any error here)."""
     progress = work / "progress"
-    while True:
-        done = [p.poll() for p in procs]
-        if progress.exists():
-            lines = progress.read_text().count("\n")
-            if lines > bar.n:
-                bar.update(lines - bar.n)
-        if any(rc not in (None, 0) for rc in done):
-            for p in procs:
-                if p.poll() is None:
-                    p.terminate()
-            for p in procs:
-                p.wait()
-            return False
-        if all(rc == 0 for rc in done):
-            return True
-        time.sleep(0.5)
+    try:
+        while True:
+            done = [p.poll() for p in procs]
+            if progress.exists():
+                lines = progress.read_text().count("\n")
+                if lines > bar.n:
+                    bar.update(lines - bar.n)
+            if any(rc not in (None, 0) for rc in done):
+                return False
+            if all(rc == 0 for rc in done):
+                return True
+            time.sleep(0.5)
+    finally:
+        _stop(procs)
 
 
 def _records(work: Path) -> dict[str, dict[str, Any]]:
@@ -246,6 +254,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the workers are stopped
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="gradzip-accuracy-") as tmp:
         cfg = make_config(args, tmp)
