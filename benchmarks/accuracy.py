@@ -64,7 +64,7 @@ METHODS = (
 #: per task: (defaults, --full) overrides of WorkerConfig
 PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "cnn": (
-        {"steps": 300, "batch_size": 16, "lr": 0.05, "warmup_steps": 30, "test_limit": None},
+        {"steps": 500, "batch_size": 16, "lr": 0.05, "warmup_steps": 50, "test_limit": None},
         {"steps": 1500, "batch_size": 32, "lr": 0.05, "warmup_steps": 150, "test_limit": None},
     ),
     "mlp": (
@@ -206,7 +206,8 @@ def _notes(cfg: WorkerConfig, cpu_s: float, wall_s: float) -> list[str]:
     cores = len(os.sched_getaffinity(0))
     return [
         f"{cfg.size} worker processes ({cfg.launcher} launcher, gloo), {cfg.steps} steps, "
-        f"batch {cfg.batch_size} per worker, SGD lr {cfg.lr} momentum {cfg.momentum} (DGC: "
+        f"batch {cfg.batch_size} per worker, SGD lr {cfg.lr} (cosine decay to 0) momentum "
+        f"{cfg.momentum} (DGC: "
         "momentum inside the compressor, optimizer without), same initial weights and batches "
         "for every method.",
         f"ratio and bytes/step: dense gradient bytes / bytes rank 0 handed to collectives, over "

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -221,6 +222,8 @@ def train_method(
             if epoch != dgc_epoch:  # a new epoch of DGC's warm-up schedule
                 w.set_epoch(epoch)
                 dgc_epoch = epoch
+        for group in w.optimizer.param_groups:  # cosine decay to 0 over the run
+            group["lr"] = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / cfg.steps))
         idx = next(stream)[lo : lo + cfg.batch_size]
         counter.active = method.startswith("ddp")
         w.optimizer.zero_grad()
