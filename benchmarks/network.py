@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
         default="cnn",
         help="cnn: the small CNN (default); mlp: 784-1024-1024-10, 1.9 M parameters",
     )
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (momentum 0.9)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
                    help="folder for network.md and network.csv")  # fmt: skip

@@ -46,7 +46,7 @@ class WorkerConfig:
     methods: tuple[str, ...]
     steps: int = 150
     batch_size: int = 32  # per rank
-    lr: float = 0.05
+    lr: float = 0.01
     momentum: float = 0.9
     eval_every: int = 15
     test_limit: int = 1000
