@@ -29,7 +29,7 @@ __all__ = [
     "broadcast_optimizer_state",
     "broadcast_parameters",
     "compressor",
-    "derive_seed",
     "ddp_comm_hook",
+    "derive_seed",
     "register",
 ]

@@ -106,6 +106,8 @@ class Strategy(abc.ABC):
 
     name: ClassVar[str]
     kinds: ClassVar[tuple[Reduction, ...]]
+    #: entries may arrive compressed already (a fused error-feedback step, SFB factors)
+    takes_payloads: ClassVar[bool] = False
 
     def __init__(self, *, average: bool = True, verify: bool = True) -> None:
         self.average = average
@@ -162,6 +164,7 @@ class AllreduceStrategy(Strategy):
 
     name = "allreduce"
     kinds = (Reduction.SUM,)
+    takes_payloads = True
 
     def _start(
         self, backend: Backend, c: Compressor, entries: list[Entry], seed: int, step: int
@@ -214,6 +217,7 @@ class AllgatherStrategy(Strategy):
 
     name = "allgather"
     kinds = (Reduction.GATHER, Reduction.SPARSE, Reduction.FACTORS)
+    takes_payloads = True
 
     def _start(
         self, backend: Backend, c: Compressor, entries: list[Entry], seed: int, step: int

@@ -25,7 +25,8 @@ import torch
 from gradzip.allreduce.backend import Backend, ReduceOp, Work
 from gradzip.allreduce.fusion import plan_buckets
 from gradzip.allreduce.strategies import Entry, Reduced, Strategy, strategy_for
-from gradzip.compress.base import CompressionError, Compressor
+from gradzip.compress import kernels
+from gradzip.compress.base import CompressionError, Compressor, derive_seed
 from gradzip.compress.sfb import SFB, sfb_pays
 from gradzip.hooks.policy import DENSE
 from gradzip.hooks.sfb import FactorCapture
@@ -188,6 +189,16 @@ class GradPipeline:
             return Entry(s.name, payload=payload, ctx=ctx)
         if s.passes == 0 or s.param.grad is None:
             return Entry(s.name, torch.zeros_like(s.param, dtype=torch.float32))
+        stream = self.streams[s.stream]
+        if stream.strategy.takes_payloads:
+            # 1-bit SGD (and DGC's kernel on CUDA) fuse compensate, compress and the residual
+            # update into one sweep; the strategy then gets the payload, not the tensor
+            seed = derive_seed(self.seed, self.step, s.name, self.backend.rank)
+            fused = kernels.feedback_step(
+                stream.compressor, s.memory, s.name, s.param.grad, seed=seed
+            )
+            if fused is not None:
+                return Entry(s.name, payload=fused[0], ctx=fused[1])
         return Entry(s.name, s.memory.compensate(s.name, s.param.grad))
 
     def _launch(self, b: int) -> None:

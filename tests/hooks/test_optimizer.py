@@ -181,8 +181,51 @@ def _misuse(backend: Backend) -> dict[str, Any]:
     return out
 
 
+def _onebit(backend: Backend) -> dict[str, Any]:
+    """onebit over allgather takes the fused error-feedback step; the result must equal the
+    unfused reference: per rank compensate, compress, decompress, update; then the mean."""
+    from gradzip.compress.memory import ResidualMemory
+    from gradzip.compress.onebit import OneBit
+
+    calls = []
+    fused = OneBit.compress_with_feedback
+
+    def counting(self: OneBit, *args: Any, **kw: Any) -> Any:
+        calls.append(1)
+        return fused(self, *args, **kw)
+
+    OneBit.compress_with_feedback = counting  # type: ignore[method-assign]
+    try:
+        model, opt, ref, ref_opt = _pair(backend, compression="onebit", min_compress_numel=0)
+        comp = OneBit()
+        memories = [ResidualMemory() for _ in range(P)]
+        for step in range(STEPS):
+            opt.zero_grad()
+            loss_of(model, *batch(step, backend.rank)).backward()
+            opt.step()
+            decoded = []
+            for r in range(P):
+                grads = grads_of(ref, lambda r=r, s=step: loss_of(ref, *batch(s, r)))
+                out = []
+                for (name, _), g in zip(ref.named_parameters(), grads, strict=True):
+                    if g is None:
+                        out.append(None)
+                        continue
+                    c = memories[r].compensate(name, g)
+                    d = comp.decompress(*comp.compress(c))
+                    memories[r].update(name, c, d)
+                    out.append(d)
+                decoded.append(out)
+            set_grads(ref, combine(decoded))
+            ref_opt.step()
+    finally:
+        OneBit.compress_with_feedback = fused  # type: ignore[method-assign]
+    return {"got": flat(model), "want": flat(ref), "calls": len(calls)}
+
+
 def _all(backend: Backend) -> dict[str, Any]:
     return {
+        "onebit": _onebit(backend),
         "avg": _plain(backend, gradzip.Average),
         "sum": _plain(backend, gradzip.Sum),
         "acc": _accumulate(backend),
@@ -204,6 +247,14 @@ def test_none_equals_hand_reduced_reference(runs: list[dict[str, Any]], case: st
         assert torch.equal(r[case]["got"], r[case]["want"])
         assert all(r[case]["same"])
     assert not torch.equal(runs[0]["avg"]["got"], runs[0]["sum"]["got"])
+
+
+def test_onebit_fused_feedback_equals_unfused_reference(runs: list[dict[str, Any]]) -> None:
+    for r in runs:
+        o = r["onebit"]
+        assert o["calls"] == STEPS * 4  # fc1/fc2 weight and bias, every step: the fused path
+        torch.testing.assert_close(o["got"], o["want"], rtol=1e-6, atol=1e-7)
+    assert torch.equal(runs[0]["onebit"]["got"], runs[1]["onebit"]["got"])
 
 
 def test_accumulation_communicates_once_per_step(runs: list[dict[str, Any]]) -> None:

@@ -38,6 +38,7 @@ __all__ = [
     "compress",
     "decompress",
     "decompress_sum",
+    "feedback_step",
     "kernel_compress",
     "kernel_decompress",
     "kernel_module",
@@ -210,3 +211,19 @@ def decompress_sum(
         part = comp.decompress(payload, ctx).to(torch.float32)
         total = total + part if i == 0 else total.add_(part)
     return total * scale if scale != 1.0 else total
+
+
+def feedback_step(
+    comp: Compressor, memory: Any, key: str | int, grad: torch.Tensor, *, seed: int = 0
+) -> tuple[Payload, Any] | None:
+    """``memory.compensate`` + compress + ``memory.update`` as one fused step, where the method
+    has one: 1-bit SGD (kernel on CUDA, chunked torch sweep elsewhere) and DGC (kernel on
+    CUDA). Returns None when there is none; the caller then runs the three steps itself."""
+    if use_kernel(comp, grad):
+        module = kernel_module(comp.name)
+        fused = getattr(module, "compress_with_feedback", None) or getattr(module, "step", None)
+        if fused is not None:
+            result: tuple[Payload, Any] = fused(comp, memory, key, grad, seed=seed)
+            return result
+    method = getattr(comp, "compress_with_feedback", None)
+    return None if method is None else method(memory, key, grad, seed=seed)
