@@ -79,11 +79,20 @@ def test_flat_buckets_are_per_bucket_means(n: int, bucket: int, chunk: int, seed
 
 
 def test_short_columns_fall_back_to_flat_buckets() -> None:
-    x = torch.randn(8, 50)  # 8 rows < min_rows=64: two fp32 scales per 8 bits would not pay
+    x = torch.randn(8, 50)  # 8 rows < min_rows (4096): scales would cost more than signs
     payload, _ = OneBit(bucket_size=16).compress(x)
     assert payload[1].numel() == 2 * math.ceil(400 / 16)
     payload, _ = OneBit(min_rows=8).compress(x)
     assert payload[1].numel() == 2 * 50
+
+
+def test_default_keeps_the_ratio_of_a_typical_linear_layer() -> None:
+    # a (128, 3136) Linear weight: per-column scales would cost 64 bits per 128 sign bits
+    x = torch.randn(128, 3136)
+    payload, _ = OneBit().compress(x)
+    assert x.numel() * 4 / payload.nbytes >= 31.0
+    payload, _ = OneBit(min_rows=128).compress(x)  # the paper's per-column layout, on request
+    assert payload[1].numel() == 2 * 3136
 
 
 def test_wire_size_of_a_million_fp32_elements() -> None:
