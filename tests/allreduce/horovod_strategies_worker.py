@@ -7,8 +7,9 @@ and its SFB factor path, ranks that disagree on a bucket) on a
 return to ``OUT/rank{r}.pt``; the test compares that with the single-process references,
 exactly as the gloo tests do.
 
-Each section gets its own backend (its own collective-name prefix), so a section that fails
-on one rank costs the others at most one timeout and leaves the later sections unaffected.
+Each section gets its own backend (its own collective-name prefix) and starts with a
+barrier, so a section that fails on one rank costs the others one timeout (30 s) and leaves
+the later sections unaffected.
 A failure is recorded with its traceback under ``errors`` instead of ending the job, so the
 test names the section that broke.
 """
@@ -70,6 +71,10 @@ def main(out: Path) -> None:
     for name, section in SECTIONS.items():
         backend = HorovodBackend(timeout=TIMEOUT_S, prefix=name)
         rank, size = backend.rank, backend.size
+        # All ranks start the section together: one that is still waiting out a failed
+        # collective of the last section must not make this one time out on the others.
+        barrier = HorovodBackend(timeout=2 * TIMEOUT_S + 10, prefix=f"{name}.start")
+        barrier.allreduce(torch.zeros(1)).wait()
         start = time.monotonic()
         try:
             results[name] = section(backend)
