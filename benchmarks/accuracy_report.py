@@ -164,7 +164,8 @@ def plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams["axes.prop_cycle"] = plt.cycler(color=[plt.get_cmap("tab20")(i) for i in range(20)])
+    tab20 = plt.get_cmap("tab20")
+    plt.rcParams["axes.prop_cycle"] = plt.cycler(color=[tab20(i) for i in range(20)])
     scale = 100.0 if metric_name == "accuracy" else 1.0
     ylabel = "test accuracy (%)" if metric_name == "accuracy" else "test bits per character"
     fig, ax = plt.subplots(figsize=(7, 4.5))
