@@ -48,7 +48,6 @@ METHODS = (
     "none",
     "fp16",
     "onebit",
-    "onebit:columns=False",
     "qsgd:levels=7",
     "qsgd:levels=127",
     "terngrad",
