@@ -28,12 +28,20 @@ bytes (31.8x). ``min_rows = 4096``: a column's two fp32 scales cost 64 bits, so 
 rows sends ``R + 64`` bits for ``32 R``; below 4096 rows that overhead passes 1.6% and the
 ratio drops under 31.5x (a Linear layer of 128 outputs would reach only 21x), so such tensors
 use flat buckets instead. ``min_rows=1`` gives the paper's per-column layout everywhere.
+
+On the CPU, :meth:`OneBit.compress_with_feedback` runs the numba kernels of
+:mod:`gradzip.compress._onebit_numba` when numba is importable (two fused passes, both layouts;
+fp16/bf16 gradients are converted to fp32 first) unless ``GRADZIP_NUMBA=0``; otherwise the
+chunked torch sweep below. Same sign bytes and exact residual; scales may differ in last bits.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
+from types import ModuleType
 from typing import ClassVar, NamedTuple
 
 import numpy as np
@@ -72,6 +80,22 @@ class _Block(NamedTuple):
     @property
     def groups(self) -> int:
         return self.rows if self.axis == 1 else self.width
+
+
+@functools.cache
+def _import_numba_kernels() -> ModuleType | None:
+    try:
+        from gradzip.compress import _onebit_numba
+    except ImportError:
+        return None
+    return _onebit_numba
+
+
+def _numba_kernels() -> ModuleType | None:
+    """The numba kernels, or None when numba is missing or the env sets ``GRADZIP_NUMBA=0``."""
+    if os.environ.get("GRADZIP_NUMBA", "1") == "0":
+        return None
+    return _import_numba_kernels()
 
 
 def _blocks(shape: torch.Size, columns: bool, min_rows: int, bucket: int) -> list[_Block]:
@@ -309,6 +333,9 @@ class OneBit(Compressor):
             memory.update(key, compensated, self.decompress(payload, ctx))
             return payload, ctx
         check_dtype(grad, f"gradient {key!r}")
+        kernels = _numba_kernels() if grad.device.type == "cpu" else None
+        if kernels is not None:
+            return self._feedback_numba(kernels, memory, key, grad)
         flat = grad.detach().reshape(-1)
         if memory.check and not bool(torch.isfinite(flat.sum())):
             check_finite(key, flat)  # raises unless the sum merely overflowed
@@ -327,5 +354,37 @@ class OneBit(Compressor):
                 f"gradient {key!r}: the fp32 sum of its compensated values overflows; its "
                 "error-feedback residual was reset"
             )
+        memory.residuals[key] = values.view(grad.shape)
+        return Payload((packed, scales)), DenseCtx(grad.shape, grad.dtype)
+
+    def _feedback_numba(
+        self, kernels: ModuleType, memory: ResidualMemory, key: str | int, grad: torch.Tensor
+    ) -> tuple[Payload, DenseCtx]:
+        """:meth:`compress_with_feedback` through the numba kernels (CPU tensors)."""
+        flat = grad.detach().reshape(-1).to(torch.float32)
+        residual = memory.residuals.get(key)
+        if residual is not None and residual.shape != grad.shape:
+            memory.compensate(key, grad)  # raises the shape-mismatch error
+        if residual is None:
+            values = torch.full_like(flat, -0.0)  # -0.0 + g == g bit for bit, even for g = -0.0
+        else:
+            values = residual.to(torch.float32).contiguous().view(-1)
+        packed = torch.zeros(packed_size(flat.numel(), 1), dtype=torch.uint8)
+        blocks = self._blocks(grad.shape)
+        columns = blocks[0].width if blocks and blocks[0].axis == 0 else 0
+        scales = torch.empty(0, dtype=torch.float32)
+        if blocks:
+            out = kernels.sweep(
+                columns, self.bucket_size, values.numpy(), flat.numpy(), packed.numpy()
+            )
+            if out is None:  # NaN/Inf in residual + grad; nothing was written
+                if memory.check:
+                    check_finite(key, flat)
+                memory.residuals.pop(key, None)
+                raise CompressionError(
+                    f"gradient {key!r}: its compensated values (residual + gradient) hold NaN "
+                    "or Inf; its error-feedback residual was reset"
+                )
+            scales = torch.from_numpy(out)
         memory.residuals[key] = values.view(grad.shape)
         return Payload((packed, scales)), DenseCtx(grad.shape, grad.dtype)

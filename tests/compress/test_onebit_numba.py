@@ -1,0 +1,88 @@
+"""The numba path of OneBit.compress_with_feedback against the torch path (GRADZIP_NUMBA=0)."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from gradzip.compress import CompressionError, ResidualMemory
+from gradzip.compress.base import DenseCtx
+from gradzip.compress import onebit as onebit_module
+from gradzip.compress.onebit import OneBit
+
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+
+
+def _step(comp: OneBit, mem: ResidualMemory, grad: torch.Tensor, numba: bool,
+          monkeypatch: pytest.MonkeyPatch) -> tuple[torch.Tensor, torch.Tensor]:
+    monkeypatch.setenv("GRADZIP_NUMBA", "1" if numba else "0")
+    compensated = mem.compensate("w", grad)  # what the step must encode (residual + grad)
+    payload, ctx = comp.compress_with_feedback(mem, "w", grad)
+    packed, scales = payload
+    # fp32 decoded values (decompress returns the grad's dtype; the residual is kept in fp32)
+    decompressed = comp.decompress(payload, DenseCtx(ctx.shape, torch.float32))
+    # the residual is exactly compensated - decompressed (== treats -0.0 as +0.0)
+    assert torch.equal(mem.residuals["w"], compensated - decompressed)
+    return packed, scales
+
+
+def test_numba_is_used_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GRADZIP_NUMBA", "1")
+    assert (onebit_module._numba_kernels() is not None) == HAVE_NUMBA
+    monkeypatch.setenv("GRADZIP_NUMBA", "0")
+    assert onebit_module._numba_kernels() is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape, options",
+    [((1,), {}), ((1023,), {"bucket_size": 64}), ((2**14 + 7,), {}), ((70, 9), {"min_rows": 1}),
+     ((37, 3, 5), {"min_rows": 8}), ((300, 33), {"min_rows": 8}), ((5, 40), {}), ((0,), {}),
+     ((), {}), ((4100, 3), {})],
+)
+def test_numba_matches_torch_over_three_steps(
+    shape: tuple[int, ...], options: dict[str, int], dtype: torch.dtype,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    comp = OneBit(**options)
+    mems = {True: ResidualMemory(), False: ResidualMemory()}
+    gen = torch.Generator().manual_seed(sum(shape) + 1)
+    for step in range(3):
+        grad = torch.randn(shape, generator=gen).to(dtype)
+        if step == 1 and grad.numel() > 4:
+            grad.view(-1)[:4] = torch.tensor([0.0, -0.0, 0.0, -0.0])  # signed zeros: bit 0
+        packed_n, scales_n = _step(comp, mems[True], grad, True, monkeypatch)
+        packed_t, scales_t = _step(comp, mems[False], grad, False, monkeypatch)
+        assert torch.equal(packed_n, packed_t)  # sign bytes: bit for bit
+        top = float(scales_t.abs().max()) if scales_t.numel() else 0.0
+        tol = 4 * torch.finfo(torch.float32).eps * top
+        torch.testing.assert_close(scales_n, scales_t, rtol=1e-6, atol=tol)
+        # the residuals differ only through the last bits of the scales
+        torch.testing.assert_close(mems[True].residuals["w"], mems[False].residuals["w"],
+                                   rtol=1e-5, atol=4 * tol)
+        # keep both paths on the same residual so the next step compares like with like
+        mems[True].residuals["w"] = mems[False].residuals["w"].clone()
+
+
+@pytest.mark.parametrize("numba", [True, False])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_names_the_key_and_keeps_the_residual(
+    numba: bool, bad: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GRADZIP_NUMBA", "1" if numba else "0")
+    comp, mem = OneBit(), ResidualMemory()
+    comp.compress_with_feedback(mem, "layer.w", torch.randn(20000))
+    before = mem.residuals["layer.w"].clone()
+    grad = torch.randn(20000)
+    grad[12345] = bad
+    with pytest.raises(CompressionError, match="layer.w"):
+        comp.compress_with_feedback(mem, "layer.w", grad)
+    assert torch.equal(mem.residuals["layer.w"], before)
+
+
+def test_overflowing_compensation_resets_the_residual(monkeypatch: pytest.MonkeyPatch) -> None:
+    comp, mem = OneBit(), ResidualMemory()
+    mem.residuals["w"] = torch.full((100,), 3e38)
+    with pytest.raises(CompressionError, match="'w'.*reset"):
+        comp.compress_with_feedback(mem, "w", torch.full((100,), 3e38))
+    assert "w" not in mem.residuals
