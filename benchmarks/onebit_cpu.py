@@ -12,6 +12,7 @@ preempted threads); ``--threads 1 --cpu-clock`` measures the process's CPU time 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ import torch
 
 import gradzip
 from gradzip.compress.memory import ResidualMemory
+from gradzip.compress import onebit as onebit_module
 from gradzip.compress.onebit import OneBit
 
 __all__ = ["main"]
@@ -67,12 +69,27 @@ def main(argv: list[str] | None = None) -> None:
         payload, ctx = comp.compress(g)
         unfused_mem.update("g", g, comp.decompress(payload, ctx))
 
+    def fused(numba: str) -> Callable[[], object]:
+        def run() -> object:
+            saved = os.environ.get("GRADZIP_NUMBA")
+            os.environ["GRADZIP_NUMBA"] = numba
+            try:
+                return comp.compress_with_feedback(fused_mem, "g", grad)
+            finally:
+                if saved is None:
+                    os.environ.pop("GRADZIP_NUMBA")
+                else:
+                    os.environ["GRADZIP_NUMBA"] = saved
+
+        return run
+
+    numba_rows = []
+    if onebit_module._numba_kernels() is not None:
+        numba_rows = [("onebit fused, numba path", _best(fused("1"), args.repeats))]
     rows = [
         ("residual.add_(grad)", _best(lambda: residual.add_(grad), args.repeats)),
-        (
-            "onebit fused (compress_with_feedback)",
-            _best(lambda: comp.compress_with_feedback(fused_mem, "g", grad), args.repeats),
-        ),
+        ("onebit fused, torch path (GRADZIP_NUMBA=0)", _best(fused("0"), args.repeats)),
+        *numba_rows,
         ("onebit compress only", _best(lambda: comp.compress(grad), args.repeats)),
         ("onebit unfused (compensate+compress+decompress+update)", _best(unfused, args.repeats)),
     ]

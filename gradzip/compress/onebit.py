@@ -369,7 +369,7 @@ class OneBit(Compressor):
             values = torch.full_like(flat, -0.0)  # -0.0 + g == g bit for bit, even for g = -0.0
         else:
             values = residual.to(torch.float32).contiguous().view(-1)
-        packed = torch.zeros(packed_size(flat.numel(), 1), dtype=torch.uint8)
+        packed = torch.empty(packed_size(flat.numel(), 1), dtype=torch.uint8)  # all written
         blocks = self._blocks(grad.shape)
         columns = blocks[0].width if blocks and blocks[0].axis == 0 else 0
         scales = torch.empty(0, dtype=torch.float32)
