@@ -20,8 +20,8 @@ from collections.abc import Callable
 import torch
 
 import gradzip
-from gradzip.compress.memory import ResidualMemory
 from gradzip.compress import onebit as onebit_module
+from gradzip.compress.memory import ResidualMemory
 from gradzip.compress.onebit import OneBit
 
 __all__ = ["main"]
