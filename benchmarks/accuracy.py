@@ -147,21 +147,30 @@ def _stop(procs: list[subprocess.Popen]) -> None:
         p.wait()
 
 
-def _wait(procs: list[subprocess.Popen], work: Path, bar: Any) -> bool:
-    """Wait for the ranks, updating the bar; stop the others as soon as one fails (and all of
-    them on Ctrl-C or any error here)."""
+#: a launch whose rank 0 reports no step for this long is stopped as hung
+STALL_S = 300.0
+
+
+def _wait(procs: list[subprocess.Popen], work: Path, bar: Any) -> str:
+    """Wait for the ranks, updating the bar: "ok", "failed" (a rank exited with an error) or
+    "stalled" (no step for STALL_S seconds). The ranks are stopped whatever happens (Ctrl-C
+    included)."""
     progress = work / "progress"
+    last, moved = -1, time.monotonic()
     try:
         while True:
             done = [p.poll() for p in procs]
-            if progress.exists():
-                lines = progress.read_text().count("\n")
-                if lines > bar.n:
-                    bar.update(lines - bar.n)
+            lines = progress.read_text().count("\n") if progress.exists() else 0
+            if lines > bar.n:
+                bar.update(lines - bar.n)
+            if lines != last:
+                last, moved = lines, time.monotonic()
             if any(rc not in (None, 0) for rc in done):
-                return False
+                return "failed"
             if all(rc == 0 for rc in done):
-                return True
+                return "ok"
+            if time.monotonic() - moved > STALL_S:
+                return "stalled"
             time.sleep(0.5)
     finally:
         _stop(procs)
@@ -184,14 +193,15 @@ def run(cfg: WorkerConfig, work: Path) -> tuple[dict[str, dict[str, Any]], dict[
     failures = {m: "not run (needs --launcher horovod)" for m in cfg.methods if m not in todo}
     with tqdm(total=len(todo) * cfg.steps, unit="step", desc=f"{cfg.task} x{cfg.size}") as bar:
         while todo:
-            ok = _wait(_launch(cfg, work, tuple(todo)), work, bar)
+            status = _wait(_launch(cfg, work, tuple(todo)), work, bar)
             records = _records(work)
             todo = [m for m in todo if m not in records]
-            if ok or not todo:
+            if status == "ok" or not todo:
                 break
             failed = todo.pop(0)
             log = (work / "rank0.log").read_text(errors="replace").strip().splitlines()
-            failures[failed] = "failed: " + (log[-1][:160] if log else "no output")
+            why = f"hung (no step for {STALL_S:.0f} s)" if status == "stalled" else ""
+            failures[failed] = "failed: " + (why or (log[-1][:160] if log else "no output"))
     return _records(work), failures
 
 
