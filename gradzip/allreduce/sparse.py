@@ -187,7 +187,6 @@ class SparseStrategy(Strategy):
 
     name = "sparse"
     kinds = (Reduction.SPARSE,)
-    takes_payloads = True
 
     def _start(
         self, backend: Backend, c: Compressor, entries: list[Entry], seed: int, step: int

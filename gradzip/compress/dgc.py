@@ -36,8 +36,6 @@ from gradzip.compress.base import (
     Compressor,
     Payload,
     Reduction,
-    as_float32_flat,
-    generator,
     register,
 )
 from gradzip.compress.memory import Key, check_finite
@@ -46,9 +44,7 @@ from gradzip.compress.topk import (
     SparseCtx,
     check_ratio,
     desparsify,
-    sparsify,
-    sparsify_sampled,
-    topk_count,
+    select,
 )
 
 __all__ = ["DGC", "DGCMemory", "check_optimizer", "warmup_density"]
@@ -252,14 +248,7 @@ class DGC(Compressor):
         self, tensor: torch.Tensor, *, seed: int = 0, shared: torch.Tensor | None = None
     ) -> tuple[Payload, SparseCtx]:
         """Sparsify ``tensor`` (the velocity from ``DGCMemory.compensate``)."""
-        flat = as_float32_flat(tensor)
-        k = topk_count(self.density(), flat.numel())
-        if self.selection == "exact":
-            idx, vals = sparsify(flat, k)
-        else:
-            gen = generator(seed, flat.device)
-            idx, vals = sparsify_sampled(flat, k, sample_ratio=self.sample_ratio, gen=gen)
-        return Payload((idx, vals)), SparseCtx(tensor.shape, tensor.dtype, flat.numel())
+        return select(tensor, self.density(), self.selection, self.sample_ratio, seed)
 
     def decompress(self, payload: Payload, ctx: SparseCtx) -> torch.Tensor:
         return desparsify(payload[0], payload[1], ctx.numel).to(ctx.dtype).view(ctx.shape)

@@ -32,6 +32,7 @@ __all__ = [
     "TopK",
     "check_ratio",
     "desparsify",
+    "select",
     "sparsify",
     "sparsify_sampled",
     "topk_count",
@@ -169,6 +170,21 @@ def desparsify(indices: torch.Tensor, values: torch.Tensor, n: int) -> torch.Ten
     return out
 
 
+def select(
+    tensor: torch.Tensor, density: float, selection: str, sample_ratio: float, seed: int
+) -> tuple[Payload, SparseCtx]:
+    """The (indices, values) payload of the ``ceil(density * n)`` largest magnitudes of
+    ``tensor``: exact (``torch.topk``) or from a sampled threshold drawn with ``seed``."""
+    flat = as_float32_flat(tensor)
+    k = topk_count(density, flat.numel())
+    if selection == "exact":
+        idx, vals = sparsify(flat, k)
+    else:
+        gen = generator(seed, flat.device)
+        idx, vals = sparsify_sampled(flat, k, sample_ratio=sample_ratio, gen=gen)
+    return Payload((idx, vals)), SparseCtx(tensor.shape, tensor.dtype, flat.numel())
+
+
 @register("topk")
 @dataclasses.dataclass(frozen=True)
 class TopK(Compressor):
@@ -203,14 +219,7 @@ class TopK(Compressor):
     def compress(
         self, tensor: torch.Tensor, *, seed: int = 0, shared: torch.Tensor | None = None
     ) -> tuple[Payload, SparseCtx]:
-        flat = as_float32_flat(tensor)
-        k = topk_count(self.ratio, flat.numel())
-        if self.selection == "exact":
-            idx, vals = sparsify(flat, k)
-        else:
-            gen = generator(seed, flat.device)
-            idx, vals = sparsify_sampled(flat, k, sample_ratio=self.sample_ratio, gen=gen)
-        return Payload((idx, vals)), SparseCtx(tensor.shape, tensor.dtype, flat.numel())
+        return select(tensor, self.ratio, self.selection, self.sample_ratio, seed)
 
     def decompress(self, payload: Payload, ctx: SparseCtx) -> torch.Tensor:
         return desparsify(payload[0], payload[1], ctx.numel).to(ctx.dtype).view(ctx.shape)
