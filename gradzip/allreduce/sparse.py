@@ -192,7 +192,7 @@ class SparseStrategy(Strategy):
         self, backend: Backend, c: Compressor, entries: list[Entry], seed: int, step: int
     ) -> Work[list[Reduced]]:
         payloads, ctxs = compress_entries(backend, c, entries, seed, step)
-        local = local_results(c, payloads, ctxs)
+        local = local_results(c, entries, payloads, ctxs)
         sizes = [e.tensor.numel() if e.tensor is not None else 0 for e in entries]
         offsets = torch.tensor([0, *sizes]).cumsum(0)
         idx = torch.cat([p[0].long() + int(o) for p, o in zip(payloads, offsets[:-1], strict=True)])

@@ -152,11 +152,17 @@ class Strategy(abc.ABC):
 
 
 def local_results(
-    c: Compressor, payloads: list[Payload], ctxs: list[Any]
+    c: Compressor, entries: Sequence[Entry], payloads: list[Payload], ctxs: list[Any]
 ) -> list[torch.Tensor | None]:
+    """This rank's decompressed payloads, for the caller's error-feedback update; None where
+    the compressor keeps no feedback, or where the entry arrived compressed (whoever
+    compressed it, e.g. a fused feedback step, has updated its memory already)."""
     if not c.error_feedback:
         return [None] * len(payloads)
-    return [kernels.decompress(c, p, x) for p, x in zip(payloads, ctxs, strict=True)]
+    return [
+        kernels.decompress(c, p, x) if e.tensor is not None else None
+        for e, p, x in zip(entries, payloads, ctxs, strict=True)
+    ]
 
 
 class AllreduceStrategy(Strategy):
@@ -170,7 +176,7 @@ class AllreduceStrategy(Strategy):
         self, backend: Backend, c: Compressor, entries: list[Entry], seed: int, step: int
     ) -> Work[list[Reduced]]:
         payloads, ctxs = compress_entries(backend, c, entries, seed, step)
-        local = local_results(c, payloads, ctxs)
+        local = local_results(c, entries, payloads, ctxs)
         parts = [t for p in payloads for t in p.tensors]
         groups: dict[torch.dtype, list[int]] = {}
         for i, t in enumerate(parts):
@@ -223,7 +229,7 @@ class AllgatherStrategy(Strategy):
         self, backend: Backend, c: Compressor, entries: list[Entry], seed: int, step: int
     ) -> Work[list[Reduced]]:
         payloads, ctxs = compress_entries(backend, c, entries, seed, step)
-        local = local_results(c, payloads, ctxs)
+        local = local_results(c, entries, payloads, ctxs)
         work = backend.allgather(pack(payloads))
 
         def finish(bufs: list[torch.Tensor]) -> list[Reduced]:
