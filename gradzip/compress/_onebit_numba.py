@@ -3,19 +3,19 @@ https://www.microsoft.com/en-us/research/publication/1-bit-stochastic-gradient-d
 
 An optional accelerator of :meth:`gradzip.compress.onebit.OneBit.compress_with_feedback`:
 importing this module imports numba, so :mod:`~gradzip.compress.onebit` imports it lazily and
-falls back to its torch sweep when numba is missing. Two passes over memory, ``v = res + grad``
-elementwise in fp32:
+falls back to its torch sweep when numba is missing. ``v = res + grad`` elementwise in fp32:
 
-* :func:`flat_stats` / :func:`column_stats` read ``v`` without writing anything and return
-  per group the sum of the non-negative and of the negative values (fp32 partial sums of at
-  most :data:`_SUB` elements, added in fp64; per column: fp64) and the count of negative ones,
-  plus a finiteness probe (``sum(v - v)``: NaN iff some ``v`` is NaN or infinite). Nothing is
-  written, so a NaN/Inf leaves the residual as it was.
-* :func:`flat_apply` / :func:`column_apply` recompute ``v`` (the same fp32 add, bit for bit),
-  pack its sign bits LSB-first and store ``res = v - scale`` (one rounding, as the torch path).
+* flat buckets (:func:`flat_fused`): one pass over memory. Each bucket (8192 elements, 32 KiB
+  by default) gets ``res += grad`` while its sums are taken, then, still in cache, its sign
+  bits are packed and ``res -= scale`` is stored: the traffic of ``res.add_(grad)``.
+* column groups (:func:`column_stats` then :func:`column_apply`): a column's mean needs every
+  row first, so two passes: a read-only one for the per-column sums and a finiteness probe,
+  then one that recomputes ``v`` (the same fp32 add, bit for bit), packs its sign bits
+  LSB-first and stores ``res = v - scale`` (one rounding, as the torch path).
 
-Signs, and so the packed bytes, equal the torch path's exactly; the sums are added in another
-order than torch's, so a scale may differ from the torch path's in its last bits.
+The sums are fp32 partial sums of at most :data:`_SUB` elements added in fp64 (per column:
+fp64). Signs, and so the packed bytes, equal the torch path's exactly; the sums are added in
+another order than torch's, so a scale may differ from the torch path's in its last bits.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-__all__ = ["column_apply", "column_stats", "flat_apply", "flat_stats", "sweep"]
+__all__ = ["column_apply", "column_stats", "flat_fused", "probe", "sweep"]
 
 #: elements per fp32 partial sum: small enough that its rounding stays near fp32's last bit,
 #: large enough for the vectorised loop to amortise the fp64 add
 _SUB = 256
-#: elements per sign mask of the apply pass (stays in L1 with its slices of res and grad)
+#: elements per sign mask of the column apply pass (stays in L1 with its slices of res, grad)
 _STEP = 8192
 #: ``(word * _MAGIC) >> 56`` gathers the low bits of the 8 bytes of ``word`` into one byte,
 #: byte ``k`` giving bit ``k`` (each partial product lands on its own bit: no carries)
@@ -56,14 +56,15 @@ def _jit(fast: bool = False) -> Callable[[Callable[..., Any]], Any]:
 
 
 @_jit(fast=True)
-def _run_stats(r: np.ndarray, g: np.ndarray) -> tuple[float, float, int, float]:
-    """fp32 (sum of v >= 0, sum of v < 0), count of v < 0 and ``sum(v - v)``, ``v = r + g``."""
+def _run_add_stats(r: np.ndarray, g: np.ndarray) -> tuple[float, float, int, float]:
+    """``r += g``; fp32 (sum of r >= 0, sum of r < 0), count of r < 0 and ``sum(r - r)``."""
     pos = np.float32(0.0)
     neg = np.float32(0.0)
     cnt = 0
     chk = np.float32(0.0)
     for i in range(r.size):
         v = r[i] + g[i]
+        r[i] = v
         chk += v - v
         is_neg = v < 0
         pos += v if not is_neg else np.float32(0.0)
@@ -72,41 +73,68 @@ def _run_stats(r: np.ndarray, g: np.ndarray) -> tuple[float, float, int, float]:
     return pos, neg, cnt, chk
 
 
-@_jit()
-def flat_stats(
-    res: np.ndarray, grad: np.ndarray, bucket: int, sums: np.ndarray, negs: np.ndarray
-) -> float:
-    """Per bucket ``k``: ``sums[k] = (sum v >= 0, sum v < 0)`` (fp64), ``negs[k] = #(v < 0)``.
+@_jit(fast=True)
+def probe(x: np.ndarray) -> float:
+    """``sum(x - x)``: 0.0, or NaN when some element of ``x`` is NaN or infinite."""
+    chk = np.float32(0.0)
+    for i in range(x.size):
+        chk += x[i] - x[i]
+    return float(chk)
 
-    Returns the finiteness probe: 0.0, or NaN when some ``v`` is NaN or infinite.
+
+@_jit()
+def flat_fused(
+    res: np.ndarray, grad: np.ndarray, bucket: int, scales: np.ndarray, packed: np.ndarray
+) -> int:
+    """One error-feedback step over flat buckets, one bucket at a time (one pass over memory).
+
+    Per bucket ``k``: ``res += grad`` while summing (fp32 partial sums of :data:`_SUB`
+    elements, added in fp64); the means go to ``scales[2k], scales[2k + 1]``; then, with the
+    bucket still in cache, its sign bits go to ``packed`` and ``res -= scales[2k + bit]``.
+    Returns -1, or the first bucket whose compensated values hold NaN/Inf: buckets before it
+    are already updated, that one holds ``res + grad`` and the later ones are untouched.
     """
     n = res.size
-    probe = 0.0
+    mask = np.empty(min(n, bucket), dtype=np.uint8)
     for k in range((n + bucket - 1) // bucket):
-        hi = min(n, (k + 1) * bucket)
+        lo = k * bucket
+        hi = min(n, lo + bucket)
         pos = 0.0
         neg = 0.0
         cnt = 0
-        for a in range(k * bucket, hi, _SUB):
+        chk = 0.0
+        for a in range(lo, hi, _SUB):
             b = min(hi, a + _SUB)
-            p, q, c, chk = _run_stats(res[a:b], grad[a:b])
+            p, q, c, d = _run_add_stats(res[a:b], grad[a:b])
             pos += p
             neg += q
             cnt += c
-            probe += chk
-        sums[k, 0] = pos
-        sums[k, 1] = neg
-        negs[k] = cnt
-    return probe
+            chk += d
+        if chk != 0.0:
+            return k
+        pos_mean = np.float32(pos / max(hi - lo - cnt, 1))
+        neg_mean = np.float32(neg / max(cnt, 1))
+        scales[2 * k] = pos_mean
+        scales[2 * k + 1] = neg_mean
+        r = res[lo:hi]
+        for i in range(hi - lo):
+            v = r[i]
+            is_neg = v < 0
+            mask[i] = is_neg
+            r[i] = v - (neg_mean if is_neg else pos_mean)
+        _pack(mask, hi - lo, packed, lo // 8)
+    return -1
 
 
 @_jit()
 def column_stats(
     res: np.ndarray, grad: np.ndarray, cols: int, sums: np.ndarray, negs: np.ndarray
 ) -> float:
-    """:func:`flat_stats` for column groups: element ``r * cols + c`` belongs to group ``c``.
+    """Per column ``c`` of ``v = res + grad`` (element ``r * cols + c``), read-only.
 
-    ``sums`` is ``(2, cols)`` here (row 0: non-negative sums, row 1: negative sums).
+    ``sums[0, c]`` / ``sums[1, c]``: fp64 sums of the non-negative / negative values;
+    ``negs[c]``: how many are negative. Returns ``sum(v - v)``: 0.0, or NaN when some ``v`` is
+    NaN or infinite (nothing is written, so the residual is left as it was).
     """
     probe = np.float32(0.0)
     pos = sums[0]
@@ -139,40 +167,12 @@ def _pack(mask: np.ndarray, count: int, packed: np.ndarray, at: int) -> None:
 
 
 @_jit()
-def _apply_run(
-    r: np.ndarray, g: np.ndarray, pos: float, neg: float, mask: np.ndarray
-) -> None:
-    """``v = r + g``; ``mask = v < 0``; ``r = v - (neg if v < 0 else pos)``."""
-    for i in range(r.size):
-        v = r[i] + g[i]
-        is_neg = v < 0
-        mask[i] = is_neg
-        r[i] = v - (neg if is_neg else pos)
-
-
-@_jit()
-def flat_apply(
-    res: np.ndarray, grad: np.ndarray, bucket: int, scales: np.ndarray, packed: np.ndarray
-) -> None:
-    """Sign bits of ``v`` into ``packed``; ``res = v - scales[2k + bit]`` for bucket ``k``.
-
-    ``bucket`` is a multiple of 8 (and so is ``_STEP``): every run starts on a byte.
-    """
-    n = res.size
-    mask = np.empty(_STEP, dtype=np.uint8)
-    for k in range((n + bucket - 1) // bucket):
-        end = min(n, (k + 1) * bucket)
-        for lo in range(k * bucket, end, _STEP):
-            hi = min(end, lo + _STEP)
-            _apply_run(res[lo:hi], grad[lo:hi], scales[2 * k], scales[2 * k + 1], mask)
-            _pack(mask, hi - lo, packed, lo // 8)
-
-
-@_jit()
 def column_apply(
     res: np.ndarray, grad: np.ndarray, cols: int, scales: np.ndarray, packed: np.ndarray
 ) -> None:
-    """:func:`flat_apply` for column groups; ``scales`` is ``(2, cols)`` (pos row, neg row).
+    """Sign bits of ``v = res + grad`` into ``packed``; ``res = v - scales[bit, c]``.
+
+    ``scales`` is ``(2, cols)`` (row 0: non-negative means, row 1: negative means).
 
     Runs of whole rows whose first element is a multiple of 8 keep every run on a byte.
     """
@@ -208,8 +208,9 @@ def sweep(
     """One error-feedback step on the flat fp32 ``res`` (in place) and ``grad``.
 
     ``columns > 0``: column groups of that width, else flat buckets of ``bucket`` elements.
-    Fills ``packed`` and returns the interleaved scales, or ``None`` (``res`` untouched) when
-    some ``res + grad`` is NaN or infinite.
+    Fills ``packed`` and returns the interleaved scales, or ``None`` when some ``res + grad``
+    is NaN or infinite: ``res`` is then untouched for column groups, partly updated for flat
+    buckets (check ``grad`` with :func:`probe` first to keep it for a NaN/Inf gradient).
     """
     n = res.size
     if columns:
@@ -220,13 +221,7 @@ def sweep(
         scales = _means(sums.T, negs, np.full(columns, n // columns))
         column_apply(res, grad, columns, np.ascontiguousarray(scales.reshape(-1, 2).T), packed)
         return scales
-    groups = -(-n // bucket)
-    sums = np.zeros((groups, 2))
-    negs = np.zeros(groups, dtype=np.int64)
-    if flat_stats(res, grad, bucket, sums, negs) != 0.0:
+    scales = np.empty(2 * -(-n // bucket), dtype=np.float32)
+    if flat_fused(res, grad, bucket, scales, packed) >= 0:
         return None
-    sizes = np.full(groups, bucket)
-    sizes[-1] = n - (groups - 1) * bucket
-    scales = _means(sums, negs, sizes)
-    flat_apply(res, grad, bucket, scales, packed)
     return scales

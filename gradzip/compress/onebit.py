@@ -30,8 +30,9 @@ ratio drops under 31.5x (a Linear layer of 128 outputs would reach only 21x), so
 use flat buckets instead. ``min_rows=1`` gives the paper's per-column layout everywhere.
 
 On the CPU, :meth:`OneBit.compress_with_feedback` runs the numba kernels of
-:mod:`gradzip.compress._onebit_numba` when numba is importable (two fused passes, both layouts;
-fp16/bf16 gradients are converted to fp32 first) unless ``GRADZIP_NUMBA=0``; otherwise the
+:mod:`gradzip.compress._onebit_numba` when numba is importable (one pass over memory for flat
+buckets, two for columns; fp16/bf16 gradients are converted to fp32 first) unless
+``GRADZIP_NUMBA=0``; otherwise the
 chunked torch sweep below. Same sign bytes and exact residual; scales may differ in last bits.
 """
 
@@ -365,6 +366,8 @@ class OneBit(Compressor):
         residual = memory.residuals.get(key)
         if residual is not None and residual.shape != grad.shape:
             memory.compensate(key, grad)  # raises the shape-mismatch error
+        if memory.check and kernels.probe(flat.numpy()) != 0.0:
+            check_finite(key, flat)  # raises, naming the key; the residual is left as it was
         if residual is None:
             values = torch.full_like(flat, -0.0)  # -0.0 + g == g bit for bit, even for g = -0.0
         else:
@@ -377,9 +380,7 @@ class OneBit(Compressor):
             out = kernels.sweep(
                 columns, self.bucket_size, values.numpy(), flat.numpy(), packed.numpy()
             )
-            if out is None:  # NaN/Inf in residual + grad; nothing was written
-                if memory.check:
-                    check_finite(key, flat)
+            if out is None:  # residual + grad overflows (or the check is off): reset
                 memory.residuals.pop(key, None)
                 raise CompressionError(
                     f"gradient {key!r}: its compensated values (residual + gradient) hold NaN "

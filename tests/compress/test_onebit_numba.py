@@ -86,3 +86,23 @@ def test_overflowing_compensation_resets_the_residual(monkeypatch: pytest.Monkey
     with pytest.raises(CompressionError, match=r"'w'.*reset"):
         comp.compress_with_feedback(mem, "w", torch.full((100,), 3e38))
     assert "w" not in mem.residuals
+
+
+@pytest.mark.parametrize("numba", [True, False])
+def test_unchecked_nan_in_a_late_bucket_resets_the_residual(
+    numba: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # with the finiteness check off, the one-pass sweep has already updated the buckets before
+    # the NaN when it finds it: the step must still fail and drop the half-updated residual
+    monkeypatch.setenv("GRADZIP_NUMBA", "1" if numba else "0")
+    comp, mem = OneBit(bucket_size=64), ResidualMemory(check=False)
+    comp.compress_with_feedback(mem, "w", torch.randn(1000))
+    grad = torch.randn(1000)
+    grad[900] = float("nan")
+    with pytest.raises(CompressionError, match=r"'w'.*reset"):
+        comp.compress_with_feedback(mem, "w", grad)
+    assert "w" not in mem.residuals
+    # the next step starts afresh: the residual is exactly grad - decompressed
+    grad = torch.randn(1000)
+    payload, ctx = comp.compress_with_feedback(mem, "w", grad)
+    assert torch.equal(mem.residuals["w"], grad - comp.decompress(payload, ctx))
