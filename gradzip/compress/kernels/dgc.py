@@ -23,7 +23,7 @@ import triton.language as tl
 
 from gradzip.compress.base import CompressionError, Payload, check_dtype
 from gradzip.compress.dgc import DGC, DGCMemory
-from gradzip.compress.kernels.dispatch import block_size, check_launch
+from gradzip.compress.kernels.dispatch import EXACT, block_size, check_launch
 from gradzip.compress.kernels.topk import select_like_reference
 from gradzip.compress.memory import Key, check_finite
 from gradzip.compress.topk import SparseCtx, topk_count
@@ -67,7 +67,7 @@ def momentum_(
         )
     block = block_size(n, 1024 if n <= 1 << 16 else 16384)
     _momentum_kernel[(triton.cdiv(n, block),)](
-        grad, u, v, n, float(momentum), float(scale), BLOCK=block, SCALED=scale != 1.0
+        grad, u, v, n, float(momentum), float(scale), BLOCK=block, SCALED=scale != 1.0, **EXACT
     )
 
 

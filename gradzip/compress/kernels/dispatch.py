@@ -32,6 +32,7 @@ from gradzip.compress.base import CompressionError, Compressor, Payload
 
 __all__ = [
     "ENV",
+    "EXACT",
     "MODES",
     "block_size",
     "check_launch",
@@ -50,6 +51,13 @@ __all__ = [
 
 ENV = "GRADZIP_KERNELS"
 MODES = ("auto", "off", "interpret")
+
+#: launch options of every kernel: no contraction of ``a * b + c`` into one fused multiply-add.
+#: The torch reference rounds the product and the sum separately (and so does the interpreter
+#: the tests run), so an FMA would change last bits: DGC's ``u = m * u + g``, the receive-side
+#: sums, which QSGD/TernGrad level a value rounds to. The kernels are memory-bound; separate
+#: roundings cost nothing measurable there and keep one arithmetic for both paths.
+EXACT: dict[str, Any] = {"enable_fp_fusion": False}
 
 # compressor name -> module holding its kernels; each module offers supports(), compress(),
 # decompress() and optionally decompress_sum() (see the modules for the signatures)

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from gradzip.compress.base import CompressionError, DenseCtx, Payload, check_dtype
-from gradzip.compress.kernels.dispatch import block_size, check_launch
+from gradzip.compress.kernels.dispatch import EXACT, block_size, check_launch
 from gradzip.compress.kernels.rounding import ROUNDING, round_to
 from gradzip.compress.memory import Memory, ResidualMemory, check_finite
 from gradzip.compress.onebit import OneBit
@@ -54,12 +54,15 @@ def _stats_kernel(
     width,  # width of the 2-D view (groups when COLUMNS)
     groups,  # number of groups
     tiles,  # tiles along the summed axis (the middle dim of part_ptr)
+    col_tiles,  # tiles along the width: program p covers tile (p // col_tiles, p % col_tiles)
     EF: tl.constexpr,  # whether to add g_ptr into x_ptr first
     COLUMNS: tl.constexpr,  # groups are columns (sum over rows) or rows (sum over columns)
     BR: tl.constexpr,  # tile rows
     BC: tl.constexpr,  # tile columns
 ):
-    pr, pc = tl.program_id(0), tl.program_id(1)
+    # a 1-D grid (CUDA allows 2**31 - 1 programs along x, 65535 along y)
+    pid = tl.program_id(0).to(tl.int64)
+    pr, pc = pid // col_tiles, pid % col_tiles
     r = pr * BR + tl.arange(0, BR)
     c = pc * BC + tl.arange(0, BC)
     offs = r.to(tl.int64)[:, None] * width + c[None, :]
@@ -184,7 +187,7 @@ def scales(x: torch.Tensor, lay: Layout, grad: torch.Tensor | None = None) -> to
     grid = (triton.cdiv(lay.rows, br), triton.cdiv(min(lay.width, lay.n), bc))
     tiles = grid[0] if lay.columns else grid[1]
     part = torch.empty(3, tiles, lay.groups, dtype=torch.float32, device=x.device)
-    _stats_kernel[grid](
+    _stats_kernel[(grid[0] * grid[1],)](
         x,
         x if grad is None else grad,
         part,
@@ -193,10 +196,12 @@ def scales(x: torch.Tensor, lay: Layout, grad: torch.Tensor | None = None) -> to
         lay.width,
         lay.groups,
         tiles,
+        grid[1],
         EF=grad is not None,
         COLUMNS=lay.columns,
         BR=br,
         BC=bc,
+        **EXACT,
     )
     sums = part.sum(dim=1, dtype=torch.float64)  # [3, groups]
     counts = torch.stack([lay.sizes(x.device) - sums[2], sums[2]], dim=1).clamp_(min=1)
@@ -210,7 +215,7 @@ def pack(x: torch.Tensor, scale: torch.Tensor, lay: Layout, update: bool) -> tor
     if lay.n:
         per = block_size(out.numel(), 1024)
         _pack_kernel[(triton.cdiv(out.numel(), per),)](
-            x, scale, out, lay.n, lay.width, COLUMNS=lay.columns, EF=update, BYTES=per
+            x, scale, out, lay.n, lay.width, COLUMNS=lay.columns, EF=update, BYTES=per, **EXACT
         )
     return out
 
@@ -242,6 +247,7 @@ def unpack_sum(
             COLUMNS=lay.columns,
             ROUND=ROUNDING[dtype],
             BLOCK=block,
+            **EXACT,
         )
     return out
 

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from gradzip.compress.base import CompressionError, DenseCtx, Payload, check_dtype
-from gradzip.compress.kernels.dispatch import block_size, check_launch
+from gradzip.compress.kernels.dispatch import EXACT, block_size, check_launch
 from gradzip.compress.kernels.rounding import ROUNDING, round_to
 from gradzip.compress.kernels.uniform import uniform_quads
 from gradzip.compress.packing import packed_size
@@ -49,11 +49,14 @@ def _norm_kernel(
     n,  # number of elements
     buckets,  # number of buckets G
     bucket,  # elements per bucket (the last one may be shorter)
+    tiles,  # tiles along a bucket (the first dim of part_ptr)
     MAX: tl.constexpr,  # max |x| (NaN as Inf) instead of the sum of squares
     BR: tl.constexpr,  # buckets per tile
     BC: tl.constexpr,  # elements of a bucket per tile
 ):
-    pr, pc = tl.program_id(0), tl.program_id(1)
+    # a 1-D grid (CUDA allows 2**31 - 1 programs along x, 65535 along y)
+    pid = tl.program_id(0).to(tl.int64)
+    pr, pc = pid // tiles, pid % tiles
     r = pr * BR + tl.arange(0, BR)
     c = pc * BC + tl.arange(0, BC)
     offs = r.to(tl.int64)[:, None] * bucket + c[None, :]
@@ -152,9 +155,11 @@ def norms(flat: torch.Tensor, bucket: int, norm: str) -> torch.Tensor:
     if n == 0:
         return torch.zeros(0, dtype=torch.float32, device=flat.device)
     br, bc = _tile(n, bucket)
-    grid = (triton.cdiv(buckets, br), triton.cdiv(min(bucket, n), bc))
-    part = torch.empty(grid[1], buckets, dtype=torch.float32, device=flat.device)
-    _norm_kernel[grid](flat, part, n, buckets, bucket, MAX=norm == "max", BR=br, BC=bc)
+    tiles = triton.cdiv(min(bucket, n), bc)
+    part = torch.empty(tiles, buckets, dtype=torch.float32, device=flat.device)
+    _norm_kernel[(triton.cdiv(buckets, br) * tiles,)](
+        flat, part, n, buckets, bucket, tiles, MAX=norm == "max", BR=br, BC=bc, **EXACT
+    )
     if norm == "max":
         return part.amax(dim=0)
     return part.sum(dim=0, dtype=torch.float64).sqrt_().to(torch.float32)
@@ -169,7 +174,7 @@ def quantize(flat: torch.Tensor, scale: torch.Tensor, comp: QSGD, seed: int) -> 
         groups = block_size(n, 1024) // 8 or 1
         _quantize_kernel[(triton.cdiv(n, 8 * groups),)](
             flat, scale, out, n, out.numel(), comp.bucket_size, float(comp.levels),
-            _seed(seed), BITS=bits, GROUPS=groups,
+            _seed(seed), BITS=bits, GROUPS=groups, **EXACT,
         )  # fmt: skip
     return out
 
@@ -248,6 +253,7 @@ def decompress_sum(
         _unpack_sum_kernel[(triton.cdiv(n, block),)](
             codes, steps, out, n, codes.shape[1], steps.shape[1], comp.bucket_size,
             len(payloads), float(scale), BITS=comp.bits, ROUND=ROUNDING[ctx.dtype], BLOCK=block,
+            **EXACT,
         )  # fmt: skip
     return out.view(ctx.shape)
 

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from gradzip.compress.base import CompressionError, DenseCtx, Payload, check_dtype
-from gradzip.compress.kernels.dispatch import block_size, check_launch
+from gradzip.compress.kernels.dispatch import EXACT, block_size, check_launch
 from gradzip.compress.kernels.rounding import ROUNDING, round_to
 from gradzip.compress.kernels.uniform import uniform, uniform_quads
 from gradzip.compress.terngrad import TernGrad
@@ -157,7 +157,7 @@ def _stats(comp: TernGrad, flat: torch.Tensor) -> torch.Tensor:
         return torch.tensor([math.inf, 0.0], device=flat.device)
     block = block_size(n, 4096)
     part = torch.empty(2, triton.cdiv(n, block), dtype=torch.float32, device=flat.device)
-    _stats_kernel[(part.shape[1],)](flat, part, n, BLOCK=block)
+    _stats_kernel[(part.shape[1],)](flat, part, n, BLOCK=block, **EXACT)
     top = part[1].amax()
     if not comp.clip:
         return torch.stack([top.new_tensor(math.inf), top])
@@ -192,7 +192,7 @@ def ternarize(comp: TernGrad, flat: torch.Tensor, stat: torch.Tensor, seed: int)
         per = block_size(n, 1024) // 4 or 1
         _ternarize_kernel[(triton.cdiv(out.numel(), per),)](
             flat, stat, out, n, out.numel(), seed % (1 << 63), CLIP=bool(comp.clip),
-            BASE3=comp.packing == "base3", BYTES=per,
+            BASE3=comp.packing == "base3", BYTES=per, **EXACT,
         )  # fmt: skip
     return out
 
@@ -240,7 +240,7 @@ def decompress_sum(
         bad = torch.empty(triton.cdiv(n, block), dtype=torch.int32, device=out.device)
         _unpack_sum_kernel[(bad.numel(),)](
             codes, scalers, out, bad, n, codes.shape[1], len(payloads), float(scale),
-            BASE3=comp.packing == "base3", ROUND=ROUNDING[ctx.dtype], BLOCK=block,
+            BASE3=comp.packing == "base3", ROUND=ROUNDING[ctx.dtype], BLOCK=block, **EXACT,
         )  # fmt: skip
         if comp.packing == "2bit" and bool(bad.any()):
             raise CompressionError("terngrad payload holds a code outside {0, 1, 2}")

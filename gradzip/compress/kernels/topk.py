@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from gradzip.compress.base import CompressionError, Payload, check_dtype, generator
-from gradzip.compress.kernels.dispatch import block_size, check_launch
+from gradzip.compress.kernels.dispatch import EXACT, block_size, check_launch
 from gradzip.compress.topk import MIN_SAMPLE, SparseCtx, TopK, topk_count
 
 F32 = torch.float32
@@ -100,7 +100,7 @@ def count_above(x: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     block = _block(n)
     counts = torch.empty(triton.cdiv(n, block), dtype=torch.int32, device=x.device)
-    _count_kernel[(counts.numel(),)](x, thr, counts, n, BLOCK=block)
+    _count_kernel[(counts.numel(),)](x, thr, counts, n, BLOCK=block, **EXACT)
     return counts
 
 
@@ -126,7 +126,7 @@ def compact(
         raise CompressionError(f"mask tensors must be fp32 with {n} elements each")
     grid = (counts.numel(),)
     _compact_kernel[grid](
-        x, thr, ends - counts, idx, vals, u, v, n, BLOCK=_block(n), MASK=mask is not None
+        x, thr, ends - counts, idx, vals, u, v, n, BLOCK=_block(n), MASK=mask is not None, **EXACT
     )
     return idx, vals
 

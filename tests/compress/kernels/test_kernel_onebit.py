@@ -53,6 +53,18 @@ def test_large_payload_equals_reference(dtype: torch.dtype) -> None:
         assert torch.equal(payload[0], ref[0]) and torch.equal(payload[1], ref[1])
 
 
+@pytest.mark.parametrize(
+    "comp, shape", [(OneBit(bucket_size=2**15), (3 * 2**15 + 5,)), (OneBit(), (4100, 200))]
+)
+def test_tiles_along_both_axes_of_the_grid(comp: OneBit, shape: tuple[int, ...]) -> None:
+    # several tiles along the group and along the summed axis: the 1-D launch grid must map
+    # each program to its own tile (CUDA's y dimension stops at 65535, so none is used)
+    x = _dyadic(shape, torch.float32, 4)
+    payload, _ = kernels.compress(comp, x)
+    ref, _ = comp.compress(x)
+    assert torch.equal(payload[0], ref[0]) and torch.equal(payload[1], ref[1])
+
+
 @pytest.mark.parametrize("shape", [(1023,), (256, 20)])
 def test_fused_error_feedback_equals_reference(load: Load, shape: tuple[int, ...]) -> None:
     comp = OneBit(bucket_size=128)

@@ -63,6 +63,14 @@ def test_exact_sums_give_exact_l2_norms() -> None:
     assert torch.equal(kernels.compress(comp, x)[0][1], comp.compress(x)[0][1])
 
 
+@pytest.mark.parametrize("norm", ["l2", "max"])
+def test_norm_tiles_along_both_axes_of_the_grid(norm: str) -> None:
+    # buckets longer than a tile: several programs per bucket, mapped from a 1-D grid
+    comp = QSGD(bucket_size=10000, norm=norm)
+    x = torch.randint(-64, 64, (30001,), generator=torch.Generator().manual_seed(4)) / 8
+    assert torch.equal(kernels.compress(comp, x)[0][1], comp.compress(x)[0][1])
+
+
 @pytest.mark.parametrize("comp", CONFIGS, ids=lambda c: c.spec())
 def test_integer_levels_pack_bit_for_bit(comp: QSGD) -> None:
     """With the max norm equal to ``levels``, ``a_i = |x_i|`` is an integer: no randomness is
