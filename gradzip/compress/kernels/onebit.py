@@ -5,11 +5,15 @@ the sign bits (bit 1 = value < 0, element ``i`` = bit ``i % 8`` of byte ``i // 8
 the interleaved fp32 scales ``[pos_0, neg_0, pos_1, ...]`` of the groups (columns of the 2-D
 view, or flat buckets of ``bucket_size``).
 
-1. ``_stats_kernel``: optional error-feedback add (``r += g`` in place, so ``r`` holds the
-   compensated gradient) and per-group partial sums of the non-negative and negative values
-   and the count of negatives, one partial per tile; the partials are summed in fp64 and the
-   means rounded to fp32 as in the reference.
-2. ``_pack_kernel``: the sign bytes, and with error feedback ``r -= decoded`` in place.
+1. ``_stats_kernel``: per-group partial sums of the non-negative and negative values of
+   ``v`` (the tensor, or with error feedback ``v = r + g``, computed and not stored) and the
+   count of negatives, one partial per tile; the partials are summed in fp64 and the means
+   rounded to fp32 as in the reference.
+2. ``_pack_kernel``: the sign bytes of ``v`` (recomputing ``r + g``, the same fp32 add), and
+   with error feedback ``r = v - decoded`` in place. Nothing is written before both passes
+   ran: a NaN/Inf in ``v`` shows in the scales, checked between the passes (the one host sync
+   of the step), and leaves the residual as it was. Same memory traffic as adding ``g`` into
+   ``r`` in pass 1 (``r`` and ``g`` read twice, ``r`` written once).
 3. ``_unpack_sum_kernel`` (receive side): for every element, the decoded values of all ranks'
    payloads (each rounded to the gradient dtype, as the reference's decompress does) summed
    in registers and written once, scaled; no dense tensor per rank.
@@ -46,8 +50,8 @@ __all__ = [
 
 @triton.jit
 def _stats_kernel(
-    x_ptr,  # *fp32, n elements: values (the residual r when EF, in/out) or the tensor itself
-    g_ptr,  # *fp32/fp16/bf16, n elements: gradient added to x in place when EF (else unused)
+    x_ptr,  # *fp32/fp16/bf16, n elements: the tensor, or the fp32 residual r when EF (read)
+    g_ptr,  # *fp32/fp16/bf16, n elements: gradient added to x when EF (else unused)
     part_ptr,  # *fp32 out, [3, tiles_along_group, groups]: pos sums, neg sums, neg counts
     n,  # number of elements
     rows,  # rows of the 2-D view (groups when not COLUMNS)
@@ -55,7 +59,7 @@ def _stats_kernel(
     groups,  # number of groups
     tiles,  # tiles along the summed axis (the middle dim of part_ptr)
     col_tiles,  # tiles along the width: program p covers tile (p // col_tiles, p % col_tiles)
-    EF: tl.constexpr,  # whether to add g_ptr into x_ptr first
+    EF: tl.constexpr,  # whether the values are x + g
     COLUMNS: tl.constexpr,  # groups are columns (sum over rows) or rows (sum over columns)
     BR: tl.constexpr,  # tile rows
     BC: tl.constexpr,  # tile columns
@@ -70,7 +74,6 @@ def _stats_kernel(
     x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
     if EF:
         x = x + tl.load(g_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-        tl.store(x_ptr + offs, x, mask=inside)
     neg = x < 0
     pos_part = tl.where(neg, 0.0, x)
     neg_part = tl.where(neg, x, 0.0)
@@ -92,13 +95,15 @@ def _stats_kernel(
 
 @triton.jit
 def _pack_kernel(
-    x_ptr,  # *fp32/fp16/bf16, n elements: the (compensated) values
+    x_ptr,  # *fp32/fp16/bf16, n elements: the values, or the fp32 residual r (in/out) when EF
+    g_ptr,  # *fp32/fp16/bf16, n elements: gradient added to x when ADD (else unused)
     scale_ptr,  # *fp32, 2 * groups: interleaved (pos, neg) means
     out_ptr,  # *uint8 out, ceil(n / 8): the sign bytes
     n,  # number of elements
     width,  # group = i % width when COLUMNS, else i // width
     COLUMNS: tl.constexpr,  # how an element finds its group
-    EF: tl.constexpr,  # whether to store x - decoded back into x_ptr (fp32 residual)
+    EF: tl.constexpr,  # whether to store v - decoded back into x_ptr (fp32 residual)
+    ADD: tl.constexpr,  # whether the values are x + g (as in the stats pass)
     BYTES: tl.constexpr,  # output bytes per program (8 elements each)
 ):
     b = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)
@@ -106,6 +111,8 @@ def _pack_kernel(
     offs = b[:, None] * 8 + bit[None, :]
     inside = offs < n
     x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+    if ADD:
+        x = x + tl.load(g_ptr + offs, mask=inside, other=0.0).to(tl.float32)
     neg = (x < 0).to(tl.int32)
     byte = tl.sum(neg << bit[None, :], axis=1)
     tl.store(out_ptr + b, byte.to(tl.uint8), mask=b * 8 < n)
@@ -178,8 +185,8 @@ def _tile(lay: Layout) -> tuple[int, int]:
 
 
 def scales(x: torch.Tensor, lay: Layout, grad: torch.Tensor | None = None) -> torch.Tensor:
-    """Pass 1: the interleaved fp32 scales of flat ``x``; with ``grad``, ``x += grad`` first
-    (``x`` is then the fp32 residual, and holds the compensated gradient afterwards)."""
+    """Pass 1: the interleaved fp32 scales of flat ``x``, or of ``x + grad`` (``x`` the fp32
+    residual; neither is written)."""
     check_launch("onebit.stats", x, *(() if grad is None else (grad,)))
     if lay.n == 0:
         return torch.empty(0, dtype=torch.float32, device=x.device)
@@ -208,14 +215,31 @@ def scales(x: torch.Tensor, lay: Layout, grad: torch.Tensor | None = None) -> to
     return (sums[:2].T / counts).to(torch.float32).reshape(-1)
 
 
-def pack(x: torch.Tensor, scale: torch.Tensor, lay: Layout, update: bool) -> torch.Tensor:
-    """Pass 2: the sign bytes of flat ``x``; with ``update``, ``x -= decoded`` in place."""
-    check_launch("onebit.pack", x, scale)
+def pack(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    lay: Layout,
+    update: bool,
+    grad: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pass 2: the sign bytes of flat ``x`` (or of ``x + grad``); with ``update``, ``x`` becomes
+    those values minus the decoded ones, in place."""
+    check_launch("onebit.pack", x, scale, *(() if grad is None else (grad,)))
     out = torch.empty(triton.cdiv(lay.n, 8), dtype=torch.uint8, device=x.device)
     if lay.n:
         per = block_size(out.numel(), 1024)
         _pack_kernel[(triton.cdiv(out.numel(), per),)](
-            x, scale, out, lay.n, lay.width, COLUMNS=lay.columns, EF=update, BYTES=per, **EXACT
+            x,
+            x if grad is None else grad,
+            scale,
+            out,
+            lay.n,
+            lay.width,
+            COLUMNS=lay.columns,
+            EF=update,
+            ADD=grad is not None,
+            BYTES=per,
+            **EXACT,
         )
     return out
 
@@ -286,14 +310,12 @@ def compress(
 def compress_with_feedback(
     comp: OneBit, memory: Memory, key: str | int, grad: torch.Tensor, *, seed: int = 0
 ) -> tuple[Payload, DenseCtx]:
-    """:meth:`OneBit.compress_with_feedback` in two kernels: ``r += g`` fused into the stats
-    pass, ``r -= decoded`` into the packing pass; the residual is updated in place."""
+    """:meth:`OneBit.compress_with_feedback` in two kernels: the stats of ``r + g``, then the
+    sign bytes and ``r = r + g - decoded`` in place; one host sync (the scales' finiteness)."""
     if not isinstance(memory, ResidualMemory) or not comp.error_feedback:
         return comp.compress_with_feedback(memory, key, grad, seed=seed)
     check_dtype(grad, f"gradient {key!r}")
     flat = grad.detach().reshape(-1).contiguous()
-    if memory.check:
-        check_finite(key, flat)
     residual = memory.residuals.get(key)
     if residual is not None and residual.shape != grad.shape:
         memory.compensate(key, grad)  # raises the reference's shape-mismatch error
@@ -302,14 +324,16 @@ def compress_with_feedback(
         values, added = flat.to(torch.float32, copy=True), None
     else:
         values, added = residual.contiguous().view(-1), flat
-    scale = scales(values, lay, added)
-    if not bool(torch.isfinite(scale).all()):
+    scale = scales(values, lay, added)  # reads only: the residual is still the old one
+    if not bool(torch.isfinite(scale).all()):  # a NaN/Inf anywhere in r + g reaches a scale
+        if memory.check:
+            check_finite(key, flat)  # raises, naming the key; the residual is kept
         memory.residuals.pop(key, None)
         raise CompressionError(
-            f"gradient {key!r}: the fp32 sum of its compensated values overflows; its "
-            "error-feedback residual was reset"
+            f"gradient {key!r}: the fp32 sum of its compensated values overflows (or holds "
+            "NaN/Inf); its error-feedback residual was reset"
         )
-    packed = pack(values, scale, lay, update=True)
+    packed = pack(values, scale, lay, update=True, grad=added)
     memory.residuals[key] = values.view(grad.shape)
     return Payload((packed, scale)), DenseCtx(grad.shape, grad.dtype)
 

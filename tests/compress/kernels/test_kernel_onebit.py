@@ -95,6 +95,31 @@ def test_fused_error_feedback_refuses_nan(load: Load) -> None:
     assert torch.equal(mem.residuals["w"], before)
 
 
+@pytest.mark.parametrize("check", [True, False])
+def test_nan_in_the_last_group_leaves_every_group_untouched(load: Load, check: bool) -> None:
+    # pass 1 only reads: the NaN is seen in the scales before pass 2 writes any group
+    comp, mem = OneBit(bucket_size=1024), ResidualMemory(check=check)
+    load("onebit").compress_with_feedback(comp, mem, "w", torch.randn(5000))
+    before = mem.residuals["w"].clone()
+    grad = torch.randn(5000)
+    grad[-1] = float("nan")
+    with pytest.raises(ValueError, match="'w'"):
+        load("onebit").compress_with_feedback(comp, mem, "w", grad)
+    if check:  # the gradient is named as the culprit and the residual is kept
+        assert torch.equal(mem.residuals["w"], before)
+    else:  # unchecked: reported as an overflow of the compensated values, residual reset
+        assert "w" not in mem.residuals
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's
+def test_overflowing_compensation_resets_the_residual(load: Load) -> None:
+    comp, mem = OneBit(), ResidualMemory()
+    mem.residuals["w"] = torch.full((100,), 3e38)
+    with pytest.raises(ValueError, match=r"'w'.*reset"):
+        load("onebit").compress_with_feedback(comp, mem, "w", torch.full((100,), 3e38))
+    assert "w" not in mem.residuals
+
+
 @pytest.mark.parametrize("shape", [(1023,), (96, 7)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_receive_side_sums_all_ranks(
