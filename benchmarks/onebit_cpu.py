@@ -1,7 +1,10 @@
 """Time of 1-bit SGD with error feedback on the CPU, as a ratio to ``residual.add_(grad)``.
 
-The target (issue 5): the torch path of onebit with error feedback costs at most 3x the plain
-in-place add of the gradient into the residual, on a 2**24-element fp32 gradient.
+The target (issue 5): the CPU path of onebit with error feedback costs at most 3x the plain
+in-place add of the gradient into the residual, on a 2**24-element fp32 gradient. Two rows show
+it: the numba path (what runs by default; one pass over memory for flat buckets, after a
+read-only finiteness probe of the gradient) and the chunked torch sweep it falls back to
+without numba (``GRADZIP_NUMBA=0``).
 
     python benchmarks/onebit_cpu.py [--numel 16777216] [--repeats 15] [--threads N] [--cpu-clock]
 
