@@ -90,6 +90,7 @@ def make_config(args: argparse.Namespace, out_dir: str) -> WorkerConfig:
         "test_limit",
         "seed",
         "min_compress_numel",
+        "dense_steps",
         "powersgd_rank",
     ):
         value = getattr(args, name)
@@ -114,8 +115,8 @@ def _check(cfg: WorkerConfig) -> None:
     for name in ("size", "steps", "batch_size", "evals"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name}={getattr(cfg, name)!r}; expected an int >= 1")
-    if cfg.warmup_steps < 0 or cfg.min_compress_numel < 0:
-        raise ValueError("warmup_steps and min_compress_numel must be >= 0")
+    if cfg.warmup_steps < 0 or cfg.min_compress_numel < 0 or cfg.dense_steps < 0:
+        raise ValueError("warmup_steps, min_compress_numel and dense_steps must be >= 0")
     for m in cfg.methods:
         if m not in PEERS:
             compressor(m)  # an unknown name or option raises a ValueError listing valid ones
@@ -224,7 +225,13 @@ def _notes(cfg: WorkerConfig, cpu_s: float, wall_s: float) -> list[str]:
         "backend byte counters (every collective, the per-step used-parameter flags included); "
         "torch DDP peers: measured by wrapping torch.distributed.all_reduce during their steps; "
         "Horovod fp16: measured by wrapping its compressor.",
-        f"gradzip compresses every tensor (min_compress_numel={cfg.min_compress_numel}). DGC's "
+        f"gradzip compresses every tensor (min_compress_numel={cfg.min_compress_numel})"
+        + (
+            f" after its first {cfg.dense_steps} steps, which are dense (dense_steps)"
+            if cfg.dense_steps
+            else ""
+        )
+        + ". DGC's "
         f"4 warm-up epochs span the first {cfg.warmup_steps} steps (set_epoch at each one); "
         f"PowerSGD (rank {cfg.powersgd_rank}) starts after them too.",
         "wall s: training time of rank 0 (evaluation excluded); the workers share the cores.",
@@ -255,6 +262,7 @@ def _parser() -> argparse.ArgumentParser:
         ("test-limit", int),
         ("seed", int),
         ("min-compress-numel", int),
+        ("dense-steps", int),
         ("powersgd-rank", int),
     ):
         p.add_argument(f"--{name}", type=kind, help="override the preset")

@@ -64,6 +64,7 @@ class WorkerConfig:
     evals: int = 8  # evaluation points of the training curve (the last at the final step)
     warmup_steps: int = 30  # DGC's warm-up epochs span these steps; PowerSGD starts after them
     min_compress_numel: int = 0
+    dense_steps: int = 0  # gradzip methods: the first steps send dense gradients
     powersgd_rank: int = 1
     seq_len: int = 64
     launcher: str = "torch"
@@ -171,6 +172,7 @@ def _wrap(cfg: WorkerConfig, method: str, model: nn.Module, counter: _AllreduceC
         model=model,
         min_compress_numel=cfg.min_compress_numel,
         seed=cfg.seed,
+        dense_steps=cfg.dense_steps,
     )
 
     def take_gz() -> int:

@@ -243,6 +243,7 @@ def DistributedOptimizer(
     min_compress_numel: int = DEFAULT_MIN_COMPRESS_NUMEL,
     gather: str = "allgather",
     sparse: str = "allgather",
+    dense_steps: int = 0,
 ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` so that ``step()`` uses gradients averaged (``op=Average``) or
     summed (``op=Sum``) over all ranks, sent compressed as ``compression`` says.
@@ -255,7 +256,11 @@ def DistributedOptimizer(
     not averaged) before one communication. ``seed``: stochastic compressors draw from
     (seed, step, name, rank). ``gather``/``sparse``: the strategies of
     :func:`gradzip.allreduce.strategies.strategy_for`. Parameters with ``requires_grad=False``
-    when wrapping are never communicated.
+    when wrapping are never communicated. ``dense_steps``: the first that many steps send
+    every gradient uncompressed (a dense allreduce, no error feedback); compression and error
+    feedback start after them, like torch's PowerSGD hook's ``start_powerSGD_iter``. Methods
+    that hold back most of the gradient (1-bit, top-k, DGC) are at their least stable in the
+    first steps, when the weights move fastest.
 
     DGC: the wrapped optimizer must have no momentum, and its warm-up runs only if the loop
     calls ``opt.set_epoch(epoch)`` at the start of every epoch (without it DGC sends its final
@@ -286,6 +291,7 @@ def DistributedOptimizer(
         passes_per_step=bpps,
         gather=gather,
         sparse=sparse,
+        dense_steps=dense_steps,
     )
     base = type(optimizer)
     cls: Any = type(base.__name__, (_DistributedMixin, base), {"__module__": base.__module__})

@@ -27,6 +27,7 @@ from gradzip.allreduce.fusion import plan_buckets
 from gradzip.allreduce.strategies import Entry, Reduced, Strategy, strategy_for
 from gradzip.compress import kernels
 from gradzip.compress.base import CompressionError, Compressor, derive_seed
+from gradzip.compress.memory import NoMemory
 from gradzip.compress.sfb import SFB, sfb_pays
 from gradzip.hooks.policy import DENSE
 from gradzip.hooks.sfb import FactorCapture
@@ -63,6 +64,7 @@ class _Launched:
     slots: list[int]
     entries: list[Entry]
     work: Work[list[Reduced]]
+    dense: bool = False  # sent uncompressed during the first ``dense_steps``: no feedback
 
 
 class GradPipeline:
@@ -79,8 +81,12 @@ class GradPipeline:
         passes_per_step: int,
         gather: str = "allgather",
         sparse: str = "allgather",
+        dense_steps: int = 0,
     ) -> None:
         plan_buckets([], fusion_bytes)  # validates fusion_bytes
+        if isinstance(dense_steps, bool) or not isinstance(dense_steps, int) or dense_steps < 0:
+            raise ValueError(f"dense_steps={dense_steps!r}; expected an int >= 0")
+        self.dense_steps = dense_steps
         self.backend = backend
         self.slots = slots
         self.fusion_bytes = fusion_bytes
@@ -92,6 +98,9 @@ class GradPipeline:
         for base in dict.fromkeys([s.compressor for s in slots] + [DENSE]):
             strategy = strategy_for(base, gather=gather, sparse=sparse, average=average)
             self.streams.append(Stream(base, base, strategy))
+        # the DENSE stream also carries every bucket during the first dense_steps
+        self.dense_stream = next(k for k, st in enumerate(self.streams) if st.base == DENSE)
+        self.warmup = NoMemory()  # what the dense steps do instead of error feedback
         for s in slots:
             s.memory = s.compressor.make_memory()
         self.buckets: list[list[int]] | None = None  # fixed at the first launch
@@ -174,9 +183,18 @@ class GradPipeline:
             while len(self.launched) < len(buckets) and self.pending[len(self.launched)] == 0:
                 self._launch(len(self.launched))
 
+    @property
+    def dense(self) -> bool:
+        """Whether this step sends every gradient uncompressed (the first ``dense_steps``)."""
+        return self.step < self.dense_steps
+
     def _entry(self, i: int) -> Entry:
         """Slot ``i``'s entry: factors, compensated gradient, or zeros when it has none."""
         s = self.slots[i]
+        if self.dense:  # warm-up: the plain gradient; error feedback starts afterwards
+            if s.passes == 0 or s.param.grad is None:
+                return Entry(s.name, torch.zeros_like(s.param, dtype=torch.float32))
+            return Entry(s.name, self.warmup.compensate(s.name, s.param.grad))
         if s.capture is not None:
             assert isinstance(s.compressor, SFB)
             if s.passes == 0:
@@ -204,12 +222,13 @@ class GradPipeline:
     def _launch(self, b: int) -> None:
         assert self.buckets is not None
         group = self.buckets[b]
-        stream = self.streams[self.slots[group[0]].stream]
+        dense = self.dense
+        stream = self.streams[self.dense_stream if dense else self.slots[group[0]].stream]
         entries = [self._entry(i) for i in group]
         work = stream.strategy.start(
             self.backend, stream.compressor, entries, seed=self.seed, step=self.step
         )
-        self.launched.append(_Launched(group, entries, work))
+        self.launched.append(_Launched(group, entries, work, dense))
 
     # ------------------------------------------------------------------ synchronize
     def synchronize(self) -> None:
@@ -228,7 +247,7 @@ class GradPipeline:
         for done in self.launched:
             for i, entry, red in zip(done.slots, done.entries, done.work.wait(), strict=True):
                 if used[i]:
-                    self._write(i, entry, red)
+                    self._write(i, entry, red, feedback=not done.dense)
         self.step += 1
         # every bucket's layout (keys, sizes, compressor) is fixed at the first launch and was
         # compared across ranks then; later steps repeat it, so the per-bucket check (one
@@ -237,9 +256,9 @@ class GradPipeline:
             st.strategy.verify = False
         self._reset()
 
-    def _write(self, i: int, entry: Entry, red: Reduced) -> None:
+    def _write(self, i: int, entry: Entry, red: Reduced, feedback: bool = True) -> None:
         s = self.slots[i]
-        if s.passes > 0 and entry.tensor is not None and red.local is not None:
+        if feedback and s.passes > 0 and entry.tensor is not None and red.local is not None:
             s.memory.update(s.name, entry.tensor, red.local)
         value = red.reduced.reshape(s.param.shape)
         if s.param.grad is None:

@@ -181,9 +181,10 @@ def _misuse(backend: Backend) -> dict[str, Any]:
     return out
 
 
-def _onebit(backend: Backend) -> dict[str, Any]:
+def _onebit(backend: Backend, dense_steps: int = 0) -> dict[str, Any]:
     """onebit over allgather takes the fused error-feedback step; the result must equal the
-    unfused reference: per rank compensate, compress, decompress, update; then the mean."""
+    unfused reference: per rank compensate, compress, decompress, update; then the mean.
+    With ``dense_steps`` the first steps are plain averages and feedback starts after them."""
     from gradzip.compress.memory import ResidualMemory
     from gradzip.compress.onebit import OneBit
 
@@ -196,16 +197,23 @@ def _onebit(backend: Backend) -> dict[str, Any]:
 
     OneBit.compress_with_feedback = counting  # type: ignore[method-assign]
     try:
-        model, opt, ref, ref_opt = _pair(backend, compression="onebit", min_compress_numel=0)
+        model, opt, ref, ref_opt = _pair(
+            backend, compression="onebit", min_compress_numel=0, dense_steps=dense_steps
+        )
         comp = OneBit()
         memories = [ResidualMemory() for _ in range(P)]
+        residuals, exact = [], []
         for step in range(STEPS):
             opt.zero_grad()
             loss_of(model, *batch(step, backend.rank)).backward()
             opt.step()
+            residuals.append(len(opt.state_dict()["gradzip"]["memories"]["fc1.weight"]["residuals"]))
             decoded = []
             for r in range(P):
                 grads = grads_of(ref, lambda r=r, s=step: loss_of(ref, *batch(s, r)))
+                if step < dense_steps:
+                    decoded.append(grads)
+                    continue
                 out = []
                 for (name, _), g in zip(ref.named_parameters(), grads, strict=True):
                     if g is None:
@@ -218,14 +226,22 @@ def _onebit(backend: Backend) -> dict[str, Any]:
                 decoded.append(out)
             set_grads(ref, combine(decoded))
             ref_opt.step()
+            exact.append(torch.equal(flat(model), flat(ref)))
     finally:
         OneBit.compress_with_feedback = fused  # type: ignore[method-assign]
-    return {"got": flat(model), "want": flat(ref), "calls": len(calls)}
+    return {
+        "got": flat(model),
+        "want": flat(ref),
+        "calls": len(calls),
+        "residuals": residuals,
+        "exact": exact,
+    }
 
 
 def _all(backend: Backend) -> dict[str, Any]:
     return {
         "onebit": _onebit(backend),
+        "onebit_dense2": _onebit(backend, dense_steps=2),
         "avg": _plain(backend, gradzip.Average),
         "sum": _plain(backend, gradzip.Sum),
         "acc": _accumulate(backend),
@@ -255,6 +271,20 @@ def test_onebit_fused_feedback_equals_unfused_reference(runs: list[dict[str, Any
         assert o["calls"] == STEPS * 4  # fc1/fc2 weight and bias, every step: the fused path
         torch.testing.assert_close(o["got"], o["want"], rtol=1e-6, atol=1e-7)
     assert torch.equal(runs[0]["onebit"]["got"], runs[1]["onebit"]["got"])
+
+
+def test_dense_steps_send_plain_gradients_then_start_feedback(
+    runs: list[dict[str, Any]],
+) -> None:
+    for r in runs:
+        o = r["onebit_dense2"]
+        assert o["calls"] == (STEPS - 2) * 4  # no 1-bit step during the two dense ones
+        assert o["exact"][:2] == [True, True]  # plain averages: bit for bit the reference
+        assert o["residuals"][:2] == [0, 0]  # no residual state while dense
+        assert all(n > 0 for n in o["residuals"][2:])  # error feedback from step 3 on
+        torch.testing.assert_close(o["got"], o["want"], rtol=1e-6, atol=1e-7)
+        assert not torch.equal(o["got"], r["onebit"]["got"])  # the warm-up changed training
+    assert torch.equal(runs[0]["onebit_dense2"]["got"], runs[1]["onebit_dense2"]["got"])
 
 
 def test_accumulation_communicates_once_per_step(runs: list[dict[str, Any]]) -> None:
@@ -295,3 +325,15 @@ def test_misuse_fails_loudly_and_schedulers_work(runs: list[dict[str, Any]]) -> 
         assert m["same"]
         assert any("skip_synchronize" in w for w in m["warnings"])
         assert m["auto_backend"] == "TorchDistBackend"
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "3"])
+def test_bad_dense_steps_is_named(bad: Any) -> None:
+    from gradzip.allreduce.backend import LocalBackend
+
+    model = Net()
+    with pytest.raises(ValueError, match="dense_steps"):
+        gradzip.DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
+            compression="onebit", backend=LocalBackend(), dense_steps=bad,
+        )  # fmt: skip
