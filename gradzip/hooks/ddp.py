@@ -43,7 +43,9 @@ from gradzip.allreduce.backend import Backend, Work, wire_bytes
 from gradzip.allreduce.strategies import Entry, Reduced, strategy_for
 from gradzip.compress.base import CompressionError, Compressor, Reduction, compressor
 from gradzip.compress.dgc import DGC
+from gradzip.compress.memory import NoMemory
 from gradzip.hooks.bucket_memory import BucketMemory
+from gradzip.hooks.policy import DENSE
 
 __all__ = ["DDPHookState", "compressed_hook", "ddp_comm_hook"]
 
@@ -60,6 +62,7 @@ class _InFlight(NamedTuple):
     key: int
     compensated: torch.Tensor
     buffer: torch.Tensor
+    dense: bool = False  # sent uncompressed (one of the first ``dense_steps``): no feedback
 
 
 class DDPHookState:
@@ -85,6 +88,7 @@ class DDPHookState:
         sparse: str = "allgather",
         overlap: bool = True,
         verify: bool = False,
+        dense_steps: int = 0,
     ) -> None:
         if process_group is not None and backend is not None:
             raise ValueError("give process_group or backend, not both")
@@ -104,11 +108,14 @@ class DDPHookState:
         for flag, value in (("overlap", overlap), ("verify", verify)):
             if not isinstance(value, bool):
                 raise ValueError(f"{flag}={value!r}; expected True or False")
+        if isinstance(dense_steps, bool) or not isinstance(dense_steps, int) or dense_steps < 0:
+            raise ValueError(f"dense_steps={dense_steps!r}; expected an int >= 0")
         # what the user tunes
         self.compression: Compressor = comp
         self.seed = seed  # stochastic compressors draw from derive_seed(seed, step, bucket, rank)
         self.gather = gather
         self.sparse = sparse
+        self.dense_steps = dense_steps  # the first steps allreduce plain buckets
         # switches
         self.overlap = overlap  # launch per bucket, complete all at the last bucket
         self.verify = verify  # compare bucket layouts across ranks before each collective
@@ -165,20 +172,24 @@ class DDPHookState:
                 if self.strategy.state_dict().get("server"):
                     self.memory.resets += 1
                 self.strategy = self._new_strategy()
-            compensated = self.memory.memory.compensate(index, buffer)
+            dense = self.step < self.dense_steps
+            if dense:  # warm-up: a plain average; error feedback starts afterwards
+                compensated = NoMemory().compensate(index, buffer)
+                strategy, comp = strategy_for(DENSE, verify=self.verify), DENSE
+            else:
+                compensated = self.memory.memory.compensate(index, buffer)
+                strategy, comp = self.strategy, self.compression
             entry = Entry(index, compensated)
-            work = self.strategy.start(
-                self.backend, self.compression, [entry], seed=self.seed, step=self.step
-            )
+            work = strategy.start(self.backend, comp, [entry], seed=self.seed, step=self.step)
         except BaseException as exc:
             self._fail(exc)
             raise
         future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-        self._pending.append(_InFlight(future, work, index, compensated, buffer))
-        dense = buffer.numel() * buffer.element_size()
+        self._pending.append(_InFlight(future, work, index, compensated, buffer, dense))
+        nbytes = buffer.numel() * buffer.element_size()
         self.counters["buckets"] += 1
-        self.counters["dense_bytes"] += dense
-        self.counters["dense_wire_bytes"] += wire_bytes("allreduce", dense, self.backend.size)
+        self.counters["dense_bytes"] += nbytes
+        self.counters["dense_wire_bytes"] += wire_bytes("allreduce", nbytes, self.backend.size)
         if bucket.is_last() or not self.overlap:
             self._complete(last=bucket.is_last())
         return future
@@ -196,7 +207,7 @@ class DDPHookState:
             while self._pending:
                 job = self._pending[0]
                 (result,) = job.work.wait()
-                if result.local is not None:
+                if result.local is not None and not job.dense:
                     self.memory.memory.update(job.key, job.compensated, result.local)
                 job.buffer.copy_(result.reduced.reshape(-1))
                 self._pending.pop(0)
@@ -275,6 +286,7 @@ def ddp_comm_hook(
     sparse: str = "allgather",
     overlap: bool = True,
     verify: bool = False,
+    dense_steps: int = 0,
 ) -> tuple[DDPHookState, Any]:
     """``(state, hook)`` for ``DistributedDataParallel.register_comm_hook(state, hook)``.
 
@@ -282,7 +294,9 @@ def ddp_comm_hook(
     ``process_group``: the group to reduce over (None: a new group of all ranks, with gradzip's
     timeout; every rank must call this); ``gather``/``sparse``: the strategy for GATHER and
     SPARSE payloads (:func:`~gradzip.allreduce.strategies.strategy_for`); ``verify``: check
-    that ranks agree on every bucket before it moves (one tiny allreduce per bucket).
+    that ranks agree on every bucket before it moves (one tiny allreduce per bucket);
+    ``dense_steps``: the first that many iterations allreduce the plain buckets (no error
+    feedback), then compression starts, like torch's PowerSGD hook's ``start_powerSGD_iter``.
     """
     state = DDPHookState(
         compression,
@@ -292,6 +306,7 @@ def ddp_comm_hook(
         sparse=sparse,
         overlap=overlap,
         verify=verify,
+        dense_steps=dense_steps,
     )
     state.backend  # noqa: B018  (build it now: creating a group is collective)
     return state, compressed_hook

@@ -255,6 +255,20 @@ def test_futures_complete_at_the_last_bucket() -> None:
         assert torch.equal(first.wait(), p1.grad) and state.step == 1
 
 
+def test_dense_steps_send_plain_buckets_then_start_feedback() -> None:
+    state = DDPHookState("topk:ratio=0.1", backend=LocalBackend(), dense_steps=2)
+    for step in range(3):
+        params = _params(10 + step, 30, 20)
+        out = compressed_hook(state, FakeBucket(0, params, last=True)).wait()  # type: ignore[arg-type]
+        plain = torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
+        if step < 2:  # the plain gradient (a world of one), and no residual yet
+            assert torch.equal(out, plain) and not state.memory.memory.residuals
+        else:  # top-k with error feedback: 5 of 50 values sent, the rest kept
+            assert int((out != 0).sum()) == 5
+            assert torch.equal(out + state.memory.memory.residuals[0], plain)
+    assert state.step == 3 and state.compression_ratio < 1.0 / 0.6  # two dense steps counted
+
+
 def test_state_pickles_without_its_process_group() -> None:
     state = DDPHookState("topk:ratio=0.2", process_group=threading.Lock())  # type: ignore[arg-type]
     state._backend = LocalBackend()
@@ -285,6 +299,7 @@ def test_sfb_and_bad_options_fail_clearly() -> None:
         ({"sparse": "dense"}, "sparse='dense'"),
         ({"seed": -1}, "seed=-1"),
         ({"overlap": 1}, "overlap=1"),
+        ({"dense_steps": -2}, "dense_steps=-2"),
     ):
         with pytest.raises(ValueError, match=word):
             DDPHookState("topk", backend=LocalBackend(), **kw)
