@@ -53,10 +53,12 @@ ENV = "GRADZIP_KERNELS"
 MODES = ("auto", "off", "interpret")
 
 #: launch options of every kernel: no contraction of ``a * b + c`` into one fused multiply-add.
-#: The torch reference rounds the product and the sum separately (and so does the interpreter
-#: the tests run), so an FMA would change last bits: DGC's ``u = m * u + g``, the receive-side
-#: sums, which QSGD/TernGrad level a value rounds to. The kernels are memory-bound; separate
-#: roundings cost nothing measurable there and keep one arithmetic for both paths.
+#: Where the torch reference rounds a product and a sum separately (and so does the interpreter
+#: the tests run), an FMA would change last bits: the scaled receive-side sums, which level a
+#: QSGD/TernGrad value rounds to. A kernel that must match a torch op that is itself one
+#: rounding says so with an explicit ``tl.fma`` (DGC's ``u = m * u + g``, as torch's
+#: ``add(g, u, alpha=m)``). The kernels are memory-bound: separate roundings cost nothing
+#: measurable there and keep one arithmetic for both paths.
 EXACT: dict[str, Any] = {"enable_fp_fusion": False}
 
 # compressor name -> module holding its kernels; each module offers supports(), compress(),
