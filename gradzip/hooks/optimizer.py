@@ -259,8 +259,9 @@ def DistributedOptimizer(
     when wrapping are never communicated. ``dense_steps``: the first that many steps send
     every gradient uncompressed (a dense allreduce, no error feedback); compression and error
     feedback start after them, like torch's PowerSGD hook's ``start_powerSGD_iter``. Methods
-    that hold back most of the gradient (1-bit, top-k, DGC) are at their least stable in the
-    first steps, when the weights move fastest.
+    that hold back most of the gradient (1-bit, top-k) are at their least stable in the first
+    steps, when the weights move fastest; DGC has its own sparsity warm-up (``set_epoch``), so
+    do not spend the same steps on both.
 
     DGC: the wrapped optimizer must have no momentum, and its warm-up runs only if the loop
     calls ``opt.set_epoch(epoch)`` at the start of every epoch (without it DGC sends its final
