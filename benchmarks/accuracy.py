@@ -221,7 +221,8 @@ def _notes(cfg: WorkerConfig, cpu_s: float, wall_s: float) -> list[str]:
         "momentum inside the compressor, optimizer without), same initial weights and batches "
         "for every method.",
         f"ratio and bytes/step: dense gradient bytes / bytes rank 0 handed to collectives, over "
-        f"steps {cfg.warmup_steps + 1}..{cfg.steps} (after the warm-up window). gradzip: the "
+        f"steps {max(cfg.warmup_steps, cfg.dense_steps) + 1}..{cfg.steps} (after the warm-up "
+        "window and any dense steps). gradzip: the "
         "backend byte counters (every collective, the per-step used-parameter flags included); "
         "torch DDP peers: measured by wrapping torch.distributed.all_reduce during their steps; "
         "Horovod fp16: measured by wrapping its compressor.",
@@ -281,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         records, failures = run(cfg, Path(tmp))
         cpu_s = _cpu_seconds() - cpu_before
     accuracy = task.metric_name == "accuracy"
-    rows = build_rows(cfg.task, records, cfg.methods, cfg.warmup_steps, failures, accuracy)
+    skip = max(cfg.warmup_steps, cfg.dense_steps)  # the ratio counts compressed steps only
+    rows = build_rows(cfg.task, records, cfg.methods, skip, failures, accuracy)
     notes = _notes(cfg, cpu_s, time.time() - started)
     stem = f"{cfg.task}_full" if args.full else cfg.task  # --full keeps the default table
     text = write_tables(args.out_dir, stem, task.metric_name, rows, notes)
