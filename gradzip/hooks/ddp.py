@@ -45,7 +45,7 @@ from gradzip.compress.base import CompressionError, Compressor, Reduction, compr
 from gradzip.compress.dgc import DGC
 from gradzip.compress.memory import NoMemory
 from gradzip.hooks.bucket_memory import BucketMemory
-from gradzip.hooks.policy import DENSE
+from gradzip.hooks.policy import DENSE, check_dense_steps
 
 __all__ = ["DDPHookState", "compressed_hook", "ddp_comm_hook"]
 
@@ -108,14 +108,12 @@ class DDPHookState:
         for flag, value in (("overlap", overlap), ("verify", verify)):
             if not isinstance(value, bool):
                 raise ValueError(f"{flag}={value!r}; expected True or False")
-        if isinstance(dense_steps, bool) or not isinstance(dense_steps, int) or dense_steps < 0:
-            raise ValueError(f"dense_steps={dense_steps!r}; expected an int >= 0")
         # what the user tunes
         self.compression: Compressor = comp
         self.seed = seed  # stochastic compressors draw from derive_seed(seed, step, bucket, rank)
         self.gather = gather
         self.sparse = sparse
-        self.dense_steps = dense_steps  # the first steps allreduce plain buckets
+        self.dense_steps = check_dense_steps(dense_steps)  # first steps: plain buckets
         # switches
         self.overlap = overlap  # launch per bucket, complete all at the last bucket
         self.verify = verify  # compare bucket layouts across ranks before each collective
@@ -124,6 +122,7 @@ class DDPHookState:
         self.step = 0
         self.memory = BucketMemory(comp.make_memory())
         self.strategy = self._new_strategy()
+        self._dense = strategy_for(DENSE, verify=verify)  # carries the first dense_steps
         self._pending: list[_InFlight] = []
         self._backend: Backend | None = backend
         self._counted = (0, 0)  # backend byte counters already added to the statistics
@@ -175,7 +174,7 @@ class DDPHookState:
             dense = self.step < self.dense_steps
             if dense:  # warm-up: a plain average; error feedback starts afterwards
                 compensated = NoMemory().compensate(index, buffer)
-                strategy, comp = strategy_for(DENSE, verify=self.verify), DENSE
+                strategy, comp = self._dense, DENSE
             else:
                 compensated = self.memory.memory.compensate(index, buffer)
                 strategy, comp = self.strategy, self.compression
@@ -260,6 +259,7 @@ class DDPHookState:
         self.strategy = self._new_strategy()
         self.strategy.load_state_dict(strategy)
         self._pending, self._backend, self._counted = [], None, (0, 0)
+        self._dense = strategy_for(DENSE, verify=self.verify)
 
 
 def compressed_hook(

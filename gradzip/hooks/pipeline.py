@@ -29,7 +29,7 @@ from gradzip.compress import kernels
 from gradzip.compress.base import CompressionError, Compressor, derive_seed
 from gradzip.compress.memory import NoMemory
 from gradzip.compress.sfb import SFB, sfb_pays
-from gradzip.hooks.policy import DENSE
+from gradzip.hooks.policy import DENSE, check_dense_steps
 from gradzip.hooks.sfb import FactorCapture
 
 __all__ = ["GradPipeline", "Slot", "Stream"]
@@ -84,9 +84,7 @@ class GradPipeline:
         dense_steps: int = 0,
     ) -> None:
         plan_buckets([], fusion_bytes)  # validates fusion_bytes
-        if isinstance(dense_steps, bool) or not isinstance(dense_steps, int) or dense_steps < 0:
-            raise ValueError(f"dense_steps={dense_steps!r}; expected an int >= 0")
-        self.dense_steps = dense_steps
+        self.dense_steps = check_dense_steps(dense_steps)
         self.backend = backend
         self.slots = slots
         self.fusion_bytes = fusion_bytes

@@ -28,7 +28,13 @@ from typing import Union
 
 from gradzip.compress.base import CompressionError, Compressor, compressor
 
-__all__ = ["DEFAULT_MIN_COMPRESS_NUMEL", "CompressionArg", "Policy", "make_policy"]
+__all__ = [
+    "DEFAULT_MIN_COMPRESS_NUMEL",
+    "CompressionArg",
+    "Policy",
+    "check_dense_steps",
+    "make_policy",
+]
 
 #: tensors with fewer elements than this are sent dense by default
 DEFAULT_MIN_COMPRESS_NUMEL = 1024
@@ -50,6 +56,13 @@ class Rule:
         if self.regex is not None:
             return self.regex.fullmatch(name) is not None
         return fnmatch.fnmatchcase(name, self.pattern)
+
+
+def check_dense_steps(dense_steps: object) -> int:
+    """``dense_steps`` of the optimizer and the DDP hook: the first steps sent with DENSE."""
+    if isinstance(dense_steps, bool) or not isinstance(dense_steps, int) or dense_steps < 0:
+        raise ValueError(f"dense_steps={dense_steps!r}; expected an int >= 0")
+    return dense_steps
 
 
 def _build(value: Compressor | str, where: str) -> Compressor:
