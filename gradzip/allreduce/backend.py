@@ -34,8 +34,12 @@ __all__ = [
     "MappedWork",
     "ReduceOp",
     "Work",
+    "check_device",
     "check_flat",
+    "control",
     "nbytes",
+    "on_device",
+    "to_backend",
     "wire_bytes",
 ]
 
@@ -173,10 +177,18 @@ class Backend(Protocol):
 
     A call that waits on a peer which died or never arrives fails after the backend's timeout
     instead of hanging.
+
+    ``device`` is where every tensor handed to a collective must live, and where results come
+    back: the current CUDA device for NCCL, the CPU for gloo, the gradients' device for
+    Horovod. Callers make control tensors with :func:`control` and move data with
+    :func:`to_backend`; a tensor on another device is refused (:func:`check_device`).
     """
 
     @property
     def rank(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
 
     @property
     def size(self) -> int: ...
@@ -200,6 +212,36 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def on_device(device: torch.device | str) -> torch.device:
+    """``device`` with its index filled in for CUDA (``"cuda"`` -> ``cuda:<current>``), so two
+    spellings of one device compare equal."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def check_device(backend: Backend, t: torch.Tensor, what: str) -> None:
+    """Raise ValueError unless ``t`` lives on ``backend.device`` (see :class:`Backend`)."""
+    if t.device != backend.device:
+        raise ValueError(
+            f"{what}: a tensor on {t.device} was handed to a collective of a backend on "
+            f"{backend.device}; control tensors come from gradzip.allreduce.backend.control() "
+            "and data from to_backend()"
+        )
+
+
+def control(backend: Backend, values: Sequence[int] | Sequence[float], dtype: torch.dtype) -> torch.Tensor:
+    """A small control tensor (flags, fingerprints, sizes, scalers) on ``backend.device``: the
+    one place such tensors are made."""
+    return torch.tensor(list(values), dtype=dtype, device=backend.device)
+
+
+def to_backend(backend: Backend, t: torch.Tensor) -> torch.Tensor:
+    """``t`` on ``backend.device`` (itself when it is there already)."""
+    return t if t.device == backend.device else t.to(backend.device)
+
+
 def check_flat(t: torch.Tensor, what: str) -> None:
     """Raise ValueError unless ``t`` is one-dimensional."""
     if t.dim() != 1:
@@ -210,10 +252,17 @@ class LocalBackend:
     """A world of one rank: every collective returns its input. Counts calls like the others.
 
     Used by single-process code paths and by simulations of the distributed algorithms.
+    ``device`` (default CPU) is where control tensors are made; being a world of one it moves
+    nothing, so it takes data on any device.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
         self._stats = CommStats()
+        self._device = on_device(device)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
 
     @property
     def rank(self) -> int:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gradzip.allreduce.backend import Backend, DoneWork, MappedWork, ReduceOp, Work
+from gradzip.allreduce.backend import Backend, DoneWork, MappedWork, ReduceOp, Work, control
 from gradzip.compress.base import CompressionError, Compressor, Payload
 
 if TYPE_CHECKING:
@@ -197,10 +197,10 @@ def check_consistent(backend: Backend, items: Sequence[BucketItem], config: str)
     """
     text = _describe(items, config)
     h = _digest(text)
-    both = backend.allreduce(torch.tensor([h, -h], dtype=torch.int64), ReduceOp.MAX).wait()
+    both = backend.allreduce(control(backend, [h, -h], torch.int64), ReduceOp.MAX).wait()
     if int(both[0]) == -int(both[1]):  # max == min: every rank has the same fingerprint
         return
-    raw = torch.tensor(list(text.encode()), dtype=torch.uint8)
+    raw = control(backend, list(text.encode()), torch.uint8)
     texts = [bytes(t.tolist()).decode() for t in backend.allgather(raw).wait()]
     mine = json.loads(text)
     for peer, other_text in enumerate(texts):

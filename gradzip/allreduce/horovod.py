@@ -25,6 +25,7 @@ from gradzip.allreduce.backend import (
     CommStats,
     ReduceOp,
     Work,
+    check_device,
     check_flat,
     nbytes,
     wire_bytes,
@@ -123,6 +124,9 @@ class HorovodBackend:
     the same order: each gets the name ``{prefix}.{kind}.{n}`` from a per-backend counter, and
     Horovod matches ranks by that name (a shape or dtype mismatch is reported by Horovod under
     it). ``timeout`` (seconds) bounds every ``wait()``.
+
+    ``device``: the current CUDA device when Horovod was built with GPU operations (NCCL) and
+    a GPU is present, else the CPU; every tensor handed to a collective must live there.
     """
 
     def __init__(self, *, timeout: float = 300.0, prefix: str = "gradzip") -> None:
@@ -142,8 +146,16 @@ class HorovodBackend:
         self._prefix = prefix
         self._seq = 0
         self._stats = CommStats()
+        gpu = bool(getattr(hvd, "nccl_built", lambda: False)()) and torch.cuda.is_available()
+        self._device = (
+            torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
+        )
 
     # ------------------------------------------------------------------ world
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
     @property
     def rank(self) -> int:
         return int(self._hvd.rank())
@@ -174,6 +186,7 @@ class HorovodBackend:
         }
         if op not in ops:
             raise ValueError(f"allreduce op {op!r} is not one of {[o.name for o in ops]}")
+        check_device(self, tensor, "allreduce")
         if tensor.dtype in _REDUCE_NATIVE:
             buf = tensor if tensor.is_contiguous() else tensor.contiguous()
         elif tensor.dtype in _REDUCE_AS:
@@ -201,6 +214,7 @@ class HorovodBackend:
     def allgather(self, tensor: torch.Tensor) -> Work[list[torch.Tensor]]:
         """Every rank's flat tensor in rank order; sizes may differ (Horovod gathers natively)."""
         check_flat(tensor, "allgather")
+        check_device(self, tensor, "allgather")
         dtype = tensor.dtype
         data = _movable(tensor, "allgather")
         name = self._name("allgather")
@@ -229,6 +243,7 @@ class HorovodBackend:
             )
         for j, t in enumerate(tensors):
             check_flat(t, f"alltoall (tensor for rank {j})")
+            check_device(self, t, f"alltoall (tensor for rank {j})")
         dtypes = {t.dtype for t in tensors}
         if len(dtypes) != 1:
             raise ValueError(
@@ -253,6 +268,7 @@ class HorovodBackend:
         """``root``'s tensor on every rank, written into ``tensor`` when it can be."""
         if not 0 <= root < self.size:
             raise ValueError(f"broadcast root {root} is not a rank of a world of size {self.size}")
+        check_device(self, tensor, "broadcast")
         buf = _movable(tensor, "broadcast")
         name = self._name("broadcast")
         self._stats.record(

@@ -15,7 +15,9 @@ Two algorithms, both giving the dense fp32 sum of every rank's sparse vector of 
   result at the end. Point-to-point messages travel as alltoalls with empty parts for
   everyone else, since the Backend has no send/recv.
 
-Each merge adds two vectors with ``+`` (commutative), so all ranks end bit-identical.
+Each merge adds two vectors, each with unique indices, so an element gets at most two
+addends and ``a + b == b + a``: all ranks end bit-identical, whatever order the device's
+``index_add_`` (atomics on CUDA) takes.
 """
 
 from __future__ import annotations
@@ -24,7 +26,15 @@ from typing import NamedTuple
 
 import torch
 
-from gradzip.allreduce.backend import Backend, DoneWork, MappedWork, ReduceOp, Work
+from gradzip.allreduce.backend import (
+    Backend,
+    DoneWork,
+    MappedWork,
+    ReduceOp,
+    Work,
+    control,
+    to_backend,
+)
 from gradzip.allreduce.fusion import Entry, Reduced
 from gradzip.allreduce.strategies import Strategy, compress_entries, local_results
 from gradzip.compress.base import CompressionError, Compressor, Reduction
@@ -107,12 +117,13 @@ def _decode(buf: torch.Tensor, n: int) -> _Vec:
 def _send(backend: Backend, v: _Vec, to: int | None, frm: int | None, n: int) -> _Vec | None:
     """One point-to-point step as an alltoall: send ``v`` to rank ``to`` (None: nothing) and
     return what rank ``frm`` sent (None: expect nothing). Empty parts for everyone else."""
-    empty = torch.empty(0, dtype=torch.uint8, device=v.vals.device)
+    home = v.vals.device
+    empty = torch.empty(0, dtype=torch.uint8, device=backend.device)
     parts = [empty] * backend.size
     if to is not None:
-        parts[to] = _encode(v)
+        parts[to] = to_backend(backend, _encode(v))
     got = backend.alltoall(parts).wait()
-    return None if frm is None else _decode(got[frm], n)
+    return None if frm is None else _decode(got[frm].to(home), n)
 
 
 def sparse_rounds_cost(nnz_per_rank: float, n: int, world_size: int) -> int:
@@ -135,11 +146,12 @@ def sparse_allreduce(
     """
     _check(indices, values, n)
     p, r = backend.size, backend.rank
-    total = backend.allreduce(torch.tensor([indices.numel()], dtype=torch.int64), ReduceOp.SUM)
+    total = backend.allreduce(control(backend, [indices.numel()], torch.int64), ReduceOp.SUM)
     nnz = int(total.wait()[0]) / p
     if sparse_rounds_cost(nnz, n, p) >= 2 * (p - 1) * n * 4 // p:
         dense = _dense(_Vec(indices.long(), values.to(torch.float32)), n)
-        return SparseResult(backend.allreduce(dense).wait(), True)
+        summed = backend.allreduce(to_backend(backend, dense)).wait()
+        return SparseResult(summed.to(values.device), True)
     v = _coalesce(indices.long(), values.to(torch.float32), n)
     p2 = 1 << (p.bit_length() - 1)
     extra = p - p2  # ranks p2..p-1 fold into ranks 0..extra-1
@@ -167,13 +179,13 @@ def sparse_allgather(
     """The dense sum over ranks via one allgather of ``int32 indices ++ fp32 values``."""
     _check(indices, values, n)
     v = _Vec(indices.long(), values.to(torch.float32))
-    work = backend.allgather(_encode(v))
+    work = backend.allgather(to_backend(backend, _encode(v)))
 
     def finish(bufs: list[torch.Tensor]) -> torch.Tensor:
         out = torch.zeros(n, dtype=torch.float32, device=values.device)
-        for b in bufs:
+        for b in bufs:  # rank order; indices are unique within one rank's vector
             if b.numel():
-                got = _decode(b, n + 1)  # n + 1: never mistaken for a dense message
+                got = _decode(b.to(values.device), n + 1)  # n + 1: never mistaken for a dense message
                 assert got.idx is not None
                 out.index_add_(0, got.idx, got.vals)
         return out

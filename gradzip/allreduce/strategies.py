@@ -25,7 +25,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from gradzip.allreduce.backend import Backend, DoneWork, MappedWork, ReduceOp, Work
+from gradzip.allreduce.backend import (
+    Backend,
+    DoneWork,
+    MappedWork,
+    ReduceOp,
+    Work,
+    to_backend,
+)
 from gradzip.allreduce.fusion import Entry, Reduced, check_consistent, pack, unpack
 from gradzip.compress import kernels
 from gradzip.compress.base import (
@@ -36,6 +43,7 @@ from gradzip.compress.base import (
     derive_seed,
 )
 from gradzip.compress.memory import NoMemory, ResidualMemory
+from gradzip.compress.topk import desparsify_into
 
 __all__ = [
     "AllgatherStrategy",
@@ -48,6 +56,7 @@ __all__ = [
     "agree_shared",
     "combine",
     "compress_entries",
+    "data_device",
     "local_results",
     "strategy_for",
 ]
@@ -73,8 +82,19 @@ def agree_shared(
     if any(s is None for s in stats):
         raise CompressionError(f"{compressor.spec()}: shared_stat returned None for some tensors")
     flat = torch.stack([s.reshape(()).to(torch.float32) for s in stats if s is not None])
-    agreed = backend.allreduce(flat, ReduceOp.MAX).wait()
-    return list(agreed.unbind())
+    agreed = backend.allreduce(to_backend(backend, flat), ReduceOp.MAX).wait()
+    return list(agreed.to(flat.device).unbind())
+
+
+def data_device(entries: Sequence[Entry]) -> torch.device:
+    """Where a bucket's gradients live: received buffers are brought there before they are
+    decompressed (gloo moves CUDA payloads through the CPU; the kernels run on the GPU)."""
+    for e in entries:
+        if e.tensor is not None:
+            return e.tensor.device
+        if e.payload is not None and len(e.payload):
+            return e.payload[0].device
+    return torch.device("cpu")
 
 
 def compress_entries(
@@ -166,7 +186,12 @@ def local_results(
 
 
 class AllreduceStrategy(Strategy):
-    """SUM payloads (fp16/bf16 casts, none): one allreduce per wire dtype of the bucket."""
+    """SUM payloads (fp16/bf16 casts, none): one allreduce per wire dtype of the bucket.
+
+    With ``average`` each rank divides by the world size *before* the sum (as DDP does, and
+    torch's fp16 hook since PR 57410): two ranks at 40000 then average to 40000 in fp16
+    instead of overflowing at 80000. A NaN/Inf on any rank still reaches every rank as one.
+    """
 
     name = "allreduce"
     kinds = (Reduction.SUM,)
@@ -175,27 +200,35 @@ class AllreduceStrategy(Strategy):
     def _start(
         self, backend: Backend, c: Compressor, entries: list[Entry], seed: int, step: int
     ) -> Work[list[Reduced]]:
+        size = backend.size
+        # the division moves before the sum where the compressor keeps no feedback of its own
+        first = self.average and not c.error_feedback and all(e.tensor is not None for e in entries)
+        if first and size > 1:
+            entries = [Entry(e.key, torch.div(e.tensor, size)) for e in entries]  # type: ignore[arg-type]
         payloads, ctxs = compress_entries(backend, c, entries, seed, step)
         local = local_results(c, entries, payloads, ctxs)
+        home = data_device(entries)
         parts = [t for p in payloads for t in p.tensors]
         groups: dict[torch.dtype, list[int]] = {}
         for i, t in enumerate(parts):
             groups.setdefault(t.dtype, []).append(i)
         works = {
-            dt: backend.allreduce(torch.cat([parts[i] for i in idx])) for dt, idx in groups.items()
+            dt: backend.allreduce(to_backend(backend, torch.cat([parts[i] for i in idx])))
+            for dt, idx in groups.items()
         }
 
         def finish(_: None) -> list[Reduced]:
             summed: list[torch.Tensor] = list(parts)
             for dt, idx in groups.items():
-                pieces = works[dt].wait().split([parts[i].numel() for i in idx])
+                pieces = works[dt].wait().to(home).split([parts[i].numel() for i in idx])
                 for i, piece in zip(idx, pieces, strict=True):
                     summed[i] = piece
             out, k = [], 0
             for p, ctx, loc in zip(payloads, ctxs, local, strict=True):
                 total = c.decompress(Payload(tuple(summed[k : k + len(p)])), ctx)
                 k += len(p)
-                out.append(Reduced(self._finish(total.float(), backend.size, total.dtype), loc))
+                divide = 1 if first else size
+                out.append(Reduced(self._finish(total.float(), divide, total.dtype), loc))
             return out
 
         return MappedWork(DoneWork(None), finish)
@@ -204,12 +237,21 @@ class AllreduceStrategy(Strategy):
 def combine(c: Compressor, payloads: Sequence[Payload], ctx: Any) -> torch.Tensor:
     """Sum over ranks of ``decompress(payload_r)``, in fp32, in rank order.
 
-    SPARSE and FACTORS payloads concatenate into one payload whose ``decompress`` is that sum
-    (repeated indices add up; ``cat(dY)^T cat(X)`` is one matmul); GATHER payloads go to
-    :func:`kernels.decompress_sum` (one receive-side kernel for CUDA payloads, no dense
-    tensor per rank; rank by rank on the torch path).
+    SPARSE payloads are added rank by rank into one dense fp32 tensor: within one rank's
+    payload every index appears once, so each ``index_add_`` touches an element at most once
+    and the sum is taken in rank order on CPU and CUDA alike (one ``index_add_`` over the
+    concatenation of all ranks would leave the order of repeated indices to the GPU's
+    atomics). FACTORS payloads concatenate into one payload whose ``decompress`` is that sum
+    (``cat(dY)^T cat(X)``, one matmul); GATHER payloads go to :func:`kernels.decompress_sum`
+    (one receive-side kernel for CUDA payloads, no dense tensor per rank; rank by rank on
+    the torch path).
     """
-    if c.reduction in (Reduction.SPARSE, Reduction.FACTORS) and payloads:
+    if c.reduction is Reduction.SPARSE and payloads:
+        total = torch.zeros(ctx.numel, dtype=torch.float32, device=payloads[0][1].device)
+        for p in payloads:  # rank order
+            desparsify_into(total, p[0], p[1])
+        return total.view(ctx.shape)
+    if c.reduction is Reduction.FACTORS and payloads:
         n_parts = len(payloads[0])
         joined = Payload(tuple(torch.cat([p[i] for p in payloads]) for i in range(n_parts)))
         return c.decompress(joined, ctx).to(torch.float32)
@@ -230,10 +272,13 @@ class AllgatherStrategy(Strategy):
     ) -> Work[list[Reduced]]:
         payloads, ctxs = compress_entries(backend, c, entries, seed, step)
         local = local_results(c, entries, payloads, ctxs)
-        work = backend.allgather(pack(payloads))
+        home = data_device(entries)
+        work = backend.allgather(to_backend(backend, pack(payloads)))
 
         def finish(bufs: list[torch.Tensor]) -> list[Reduced]:
-            per_rank = [unpack(b, payloads, source=f"rank {r}") for r, b in enumerate(bufs)]
+            per_rank = [
+                unpack(b.to(home), payloads, source=f"rank {r}") for r, b in enumerate(bufs)
+            ]
             out = []
             for i, (ctx, loc) in enumerate(zip(ctxs, local, strict=True)):
                 total = combine(c, [got[i] for got in per_rank], ctx)
@@ -294,18 +339,21 @@ class ScatterGatherStrategy(Strategy):
                 for ps, xs in zip(payloads, ctxs, strict=True)
             ]
         me, p = backend.rank, backend.size
-        work = backend.alltoall([pack([ps[j] for ps in payloads]) for j in range(p)])
+        home = data_device(entries)
+        work = backend.alltoall(
+            [to_backend(backend, pack([ps[j] for ps in payloads])) for j in range(p)]
+        )
 
         def finish(bufs: list[torch.Tensor]) -> list[Reduced]:
             mine = [ps[me] for ps in payloads]
-            got = [unpack(b, mine, source=f"rank {r}") for r, b in enumerate(bufs)]
+            got = [unpack(b.to(home), mine, source=f"rank {r}") for r, b in enumerate(bufs)]
             served = [
                 self._serve(c, e, [g[i] for g in got], xs[me], seed, step, me)
                 for i, (e, xs) in enumerate(zip(entries, ctxs, strict=True))
             ]
-            gathered = backend.allgather(pack(served)).wait()
+            gathered = backend.allgather(to_backend(backend, pack(served))).wait()
             parts = [
-                unpack(b, [ps[j] for ps in payloads], source=f"rank {j}")
+                unpack(b.to(home), [ps[j] for ps in payloads], source=f"rank {j}")
                 for j, b in enumerate(gathered)
             ]
             out = []
@@ -384,11 +432,12 @@ class TernarySumStrategy(Strategy):
         flat = (
             torch.cat([v.to(wire) for v, _ in ternary]) if ternary else torch.empty(0, dtype=wire)
         )
-        work = backend.allreduce(flat)
+        home = flat.device
+        work = backend.allreduce(to_backend(backend, flat))
 
         def finish(summed: torch.Tensor) -> list[Reduced]:
             out = []
-            pieces = summed.split([t.numel() for t in tensors])
+            pieces = summed.to(home).split([t.numel() for t in tensors])
             for e, piece, (values, scaler) in zip(entries, pieces, ternary, strict=True):
                 total = (piece.to(torch.float32) * scaler).view(_shape(e))
                 loc = (

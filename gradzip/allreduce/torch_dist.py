@@ -12,6 +12,11 @@ waiting call raise after ``timeout`` instead of hanging, whatever timeout the us
 one that stays alive but never joins is detected after the timeout. On NCCL the timeout is
 enforced by its watchdog (``TORCH_NCCL_ASYNC_ERROR_HANDLING``, on by default), which aborts
 the communicator and raises.
+
+Devices: ``device`` is the current CUDA device for an NCCL group and the CPU otherwise (gloo
+with CUDA gradients moves its buffers through the CPU: the callers do it with
+``to_backend``). A tensor on another device is refused with a message, not handed to the
+engine, where NCCL would fail obscurely and gloo would move it silently.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from gradzip.allreduce.backend import (
     MappedWork,
     ReduceOp,
     Work,
+    check_device,
     check_flat,
     nbytes,
     wire_bytes,
@@ -91,6 +97,10 @@ class TorchDistBackend:
         )
 
     @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
     def rank(self) -> int:
         return self._rank
 
@@ -109,6 +119,7 @@ class TorchDistBackend:
 
     def allreduce(self, tensor: torch.Tensor, op: ReduceOp = ReduceOp.SUM) -> Work[torch.Tensor]:
         """Elementwise ``op`` over ranks; reduces a contiguous copy when ``tensor`` is not."""
+        check_device(self, tensor, "allreduce")
         if not tensor.is_contiguous():
             tensor = tensor.contiguous()
         self._record("allreduce", nbytes(tensor))
@@ -126,6 +137,7 @@ class TorchDistBackend:
     def allgather(self, tensor: torch.Tensor) -> Work[list[torch.Tensor]]:
         """Every rank's flat tensor, sizes may differ (exchanged first, then padded)."""
         check_flat(tensor, "allgather")
+        check_device(self, tensor, "allgather")
         sizes = self._exchange_sizes(tensor.numel())
         width = max(sizes)
         padded = tensor.contiguous()
@@ -147,6 +159,7 @@ class TorchDistBackend:
             )
         for t in tensors:
             check_flat(t, "alltoall")
+            check_device(self, t, "alltoall")
         dtypes = {t.dtype for t in tensors}
         if len(dtypes) != 1:
             raise ValueError(
@@ -176,6 +189,7 @@ class TorchDistBackend:
         """``root``'s tensor on every rank (in place on a contiguous tensor)."""
         if not 0 <= root < self._size:
             raise ValueError(f"broadcast root {root} is not a rank of a world of size {self._size}")
+        check_device(self, tensor, "broadcast")
         if not tensor.is_contiguous():
             tensor = tensor.contiguous()
         src = dist.get_global_rank(self.group, root)

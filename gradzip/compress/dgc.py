@@ -134,6 +134,27 @@ class DGCMemory:
         self.momenta[key] = u_new.masked_fill_(sent, 0.0)
         self.velocities[key] = compensated.to(torch.float32).masked_fill_(sent, 0.0)
 
+    def discard(self, key: Key) -> None:
+        """Call off a step after ``compensate``: ``u`` and ``v`` stay as they were."""
+        self._pending.pop(key, None)
+
+    def snapshot(self, key: Key) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keep ``u`` and ``v`` of ``key`` aside before a fused step updates them in place."""
+        u, v = self.momenta.get(key), self.velocities.get(key)
+        if u is None or v is None:
+            return None
+        self.momenta[key], self.velocities[key] = u.clone(), v.clone()
+        return u, v
+
+    def restore(self, key: Key, snap: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Undo the fused step since :meth:`snapshot` returned ``snap``."""
+        self._pending.pop(key, None)
+        if snap is None:
+            self.momenta.pop(key, None)
+            self.velocities.pop(key, None)
+        else:
+            self.momenta[key], self.velocities[key] = snap
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "momentum": self.momentum,

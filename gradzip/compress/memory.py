@@ -3,6 +3,11 @@ Karimireddy et al. 2019, https://arxiv.org/abs/1901.09847).
 
 The pipeline reads: ``g = memory.compensate(key, grad)``; compress ``g``; ``memory.update(key,
 g, decompressed)``. Afterwards ``g == decompressed + residual[key]`` holds exactly.
+
+A step can be called off after ``compensate`` (a NaN/Inf on some rank, so that every rank skips
+it; a parameter no rank used): ``discard(key)`` then leaves the memory exactly as it was before
+that ``compensate``. A fused step that updates the memory while it compresses is bracketed by
+``snap = snapshot(key)`` and, to call it off, ``restore(key, snap)``.
 """
 
 from __future__ import annotations
@@ -36,6 +41,12 @@ class Memory(Protocol):
 
     def update(self, key: Key, compensated: torch.Tensor, decompressed: torch.Tensor) -> None: ...
 
+    def discard(self, key: Key) -> None: ...
+
+    def snapshot(self, key: Key) -> Any: ...
+
+    def restore(self, key: Key, snap: Any) -> None: ...
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -53,6 +64,15 @@ class NoMemory:
         return grad.to(torch.float32)
 
     def update(self, key: Key, compensated: torch.Tensor, decompressed: torch.Tensor) -> None:
+        return None
+
+    def discard(self, key: Key) -> None:
+        return None
+
+    def snapshot(self, key: Key) -> None:
+        return None
+
+    def restore(self, key: Key, snap: Any) -> None:
         return None
 
     def state_dict(self) -> dict[str, Any]:
@@ -91,6 +111,25 @@ class ResidualMemory:
     def update(self, key: Key, compensated: torch.Tensor, decompressed: torch.Tensor) -> None:
         """Store ``compensated - decompressed``; ``compensated`` is consumed (reused in place)."""
         self.residuals[key] = compensated.sub_(decompressed.to(torch.float32))
+
+    def discard(self, key: Key) -> None:
+        """Call off a step after ``compensate`` (which stored nothing): nothing to undo."""
+        return None
+
+    def snapshot(self, key: Key) -> torch.Tensor | None:
+        """Keep ``key``'s residual aside before a fused step updates it in place (the memory
+        gets a copy to update); None when there is none yet."""
+        old = self.residuals.get(key)
+        if old is not None:
+            self.residuals[key] = old.clone()
+        return old
+
+    def restore(self, key: Key, snap: torch.Tensor | None) -> None:
+        """Undo the fused step since :meth:`snapshot` returned ``snap``."""
+        if snap is None:
+            self.residuals.pop(key, None)
+        else:
+            self.residuals[key] = snap
 
     def state_dict(self) -> dict[str, Any]:
         return {"residuals": {k: v.clone() for k, v in self.residuals.items()}}

@@ -32,6 +32,7 @@ __all__ = [
     "TopK",
     "check_ratio",
     "desparsify",
+    "desparsify_into",
     "select",
     "sparsify",
     "sparsify_sampled",
@@ -149,9 +150,15 @@ def sparsify_sampled(
 def desparsify(indices: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
     """A dense fp32 tensor of ``n`` zeros with ``values`` added at ``indices``.
 
-    Repeated indices add up, so the concatenated payloads of several ranks desparsify to
-    their sum in one call.
+    Repeated indices add up (in an order the device chooses on CUDA); to sum several ranks'
+    payloads in rank order, add them one by one with :func:`desparsify_into`.
     """
+    out = torch.zeros(n, dtype=torch.float32, device=values.device)
+    return desparsify_into(out, indices, values)
+
+
+def desparsify_into(out: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``out[indices] += values`` (flat fp32 ``out``), after checking the payload fits it."""
     if indices.dim() != 1 or values.dim() != 1 or indices.numel() != values.numel():
         raise CompressionError(
             f"sparse payload needs flat indices and values of one length, got "
@@ -159,7 +166,7 @@ def desparsify(indices: torch.Tensor, values: torch.Tensor, n: int) -> torch.Ten
         )
     if indices.dtype not in (torch.int32, torch.int64):
         raise CompressionError(f"sparse indices have dtype {indices.dtype}; expected torch.int32")
-    out = torch.zeros(n, dtype=torch.float32, device=values.device)
+    n = out.numel()
     if indices.numel():
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= n:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from gradzip.allreduce.auto import default_backend
-from gradzip.allreduce.backend import Backend
+from gradzip.allreduce.backend import Backend, control, to_backend
 
 __all__ = ["broadcast_optimizer_state", "broadcast_parameters"]
 
@@ -57,7 +57,7 @@ def broadcast_parameters(
     with torch.no_grad():
         for group in by_dtype.values():
             flat = torch.cat([t.detach().reshape(-1) for t in group])
-            flat = backend.broadcast(flat, root_rank).wait()
+            flat = backend.broadcast(to_backend(backend, flat), root_rank).wait().to(flat.device)
             for t, part in zip(group, flat.split([t.numel() for t in group]), strict=True):
                 t.copy_(part.view(t.shape))
 
@@ -81,10 +81,11 @@ def broadcast_optimizer_state(
     state = optimizer.state_dict()
     state.pop("gradzip", None)
     data = _to_bytes(state) if backend.rank == root_rank else torch.empty(0, dtype=torch.uint8)
-    size = backend.broadcast(torch.tensor([data.numel()], dtype=torch.int64), root_rank).wait()
+    size = backend.broadcast(control(backend, [data.numel()], torch.int64), root_rank).wait()
     if backend.rank != root_rank:
         data = torch.empty(int(size[0]), dtype=torch.uint8)
-    data = backend.broadcast(data, root_rank).wait()
+    data = backend.broadcast(to_backend(backend, data), root_rank).wait()
     if backend.rank != root_rank:
-        loaded = torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=True)
+        raw = data.cpu().numpy().tobytes()
+        loaded = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
         optimizer.load_state_dict(loaded)

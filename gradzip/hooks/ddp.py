@@ -22,6 +22,17 @@ residuals (and DGC momenta/velocities) per parameter into the new buckets, exact
 server-side residuals of ``gather="scatter_gather"`` live on chunks of a bucket and are reset
 instead (counted in ``stats["resets"]``).
 
+**Non-finite gradients** follow DDP: a bucket holding a NaN/Inf on some rank is NaN on every
+rank when its future completes (the dense casts carry the non-finite sum itself; the others
+send zeros and are flagged in one tiny allreduce per step, issued when the last bucket
+arrives), so ``GradScaler`` skips the step everywhere, and the bucket's error-feedback state
+(residuals, DGC's momenta and velocities) stays as it was before that step.
+``nonfinite="raise"`` fails every future on every rank with a CompressionError instead.
+
+**DGC** applies momentum itself; the hook cannot see the optimizer, so it takes it:
+``ddp_comm_hook("dgc:ratio=0.001", optimizer=opt)`` checks that ``opt`` has no momentum of its
+own (momentum would otherwise be applied twice), and DGC without ``optimizer=`` is an error.
+
 **Checkpoints.** The state pickles without its process group and backend; after unpickling it
 talks over a new group of all ranks, built at the first hook call. A bucket whose index and
 parameter sizes match the pickled ones takes its memory back; any other starts from zero
@@ -39,12 +50,13 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from gradzip.allreduce.backend import Backend, Work, wire_bytes
+from gradzip.allreduce.backend import Backend, ReduceOp, Work, control, wire_bytes
 from gradzip.allreduce.strategies import Entry, Reduced, strategy_for
 from gradzip.compress.base import CompressionError, Compressor, Reduction, compressor
-from gradzip.compress.dgc import DGC
+from gradzip.compress.dgc import DGC, check_optimizer
 from gradzip.compress.memory import NoMemory
 from gradzip.hooks.bucket_memory import BucketMemory
+from gradzip.hooks.pipeline import check_nonfinite, is_finite, passes_nonfinite
 from gradzip.hooks.policy import DENSE, check_dense_steps
 
 __all__ = ["DDPHookState", "compressed_hook", "ddp_comm_hook"]
@@ -63,6 +75,8 @@ class _InFlight(NamedTuple):
     compensated: torch.Tensor
     buffer: torch.Tensor
     dense: bool = False  # sent uncompressed (one of the first ``dense_steps``): no feedback
+    bad: bool = False  # this rank's bucket held a NaN/Inf (sent as zeros unless passthrough)
+    passthrough: bool = False  # NaN/Inf travel as they are (dense casts)
 
 
 class DDPHookState:
@@ -89,6 +103,8 @@ class DDPHookState:
         overlap: bool = True,
         verify: bool = False,
         dense_steps: int = 0,
+        nonfinite: str = "propagate",
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         if process_group is not None and backend is not None:
             raise ValueError("give process_group or backend, not both")
@@ -99,6 +115,14 @@ class DDPHookState:
                 "which a DDP gradient bucket (a flat vector of finished gradients) does not "
                 "hold; use gradzip.DistributedOptimizer(..., compression='sfb') instead"
             )
+        if isinstance(comp, DGC):
+            if optimizer is None:
+                raise CompressionError(
+                    f"compression={comp.spec()!r} applies momentum itself, and the hook cannot "
+                    "see the optimizer to check it has none of its own (momentum would be "
+                    "applied twice): pass optimizer=... to ddp_comm_hook, built with momentum=0"
+                )
+            check_optimizer(optimizer)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed={seed!r}; expected an int >= 0")
         if gather not in GATHERS:
@@ -114,6 +138,7 @@ class DDPHookState:
         self.gather = gather
         self.sparse = sparse
         self.dense_steps = check_dense_steps(dense_steps)  # first steps: plain buckets
+        self.nonfinite = check_nonfinite(nonfinite)  # a NaN/Inf: reach every rank, or raise
         # switches
         self.overlap = overlap  # launch per bucket, complete all at the last bucket
         self.verify = verify  # compare bucket layouts across ranks before each collective
@@ -172,19 +197,23 @@ class DDPHookState:
                     self.memory.resets += 1
                 self.strategy = self._new_strategy()
             dense = self.step < self.dense_steps
-            if dense:  # warm-up: a plain average; error feedback starts afterwards
-                compensated = NoMemory().compensate(index, buffer)
-                strategy, comp = self._dense, DENSE
+            strategy, comp = (self._dense, DENSE) if dense else (self.strategy, self.compression)
+            passthrough = dense or passes_nonfinite(comp)
+            bad = not is_finite(buffer)
+            grad = torch.zeros_like(buffer) if bad and not passthrough else buffer
+            if passthrough:  # warm-up or a dense cast: the plain bucket, no error feedback
+                compensated = NoMemory(check=False).compensate(index, grad)
             else:
-                compensated = self.memory.memory.compensate(index, buffer)
-                strategy, comp = self.strategy, self.compression
+                compensated = self.memory.memory.compensate(index, grad)
             entry = Entry(index, compensated)
             work = strategy.start(self.backend, comp, [entry], seed=self.seed, step=self.step)
         except BaseException as exc:
             self._fail(exc)
             raise
         future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-        self._pending.append(_InFlight(future, work, index, compensated, buffer, dense))
+        self._pending.append(
+            _InFlight(future, work, index, compensated, buffer, dense, bad, passthrough)
+        )
         nbytes = buffer.numel() * buffer.element_size()
         self.counters["buckets"] += 1
         self.counters["dense_bytes"] += nbytes
@@ -201,15 +230,30 @@ class DDPHookState:
             self.memory = BucketMemory(self.compression.make_memory())
 
     def _complete(self, *, last: bool) -> None:
-        """Wait for every launched bucket, write the averages back, update the memory."""
+        """Agree which buckets held a NaN/Inf, wait for every launched bucket, write the
+        averages back, update the memory (or leave it as it was for a non-finite bucket)."""
         try:
+            me = self.backend.rank + 1
+            flags = control(self.backend, [me if j.bad else 0 for j in self._pending], torch.int32)
+            bad = self.backend.allreduce(flags, ReduceOp.MAX).wait().tolist()
+            results = [job.work.wait()[0] for job in self._pending]
+            if self.nonfinite == "raise" and any(bad):
+                for job in self._pending:
+                    self.memory.memory.discard(job.key)
+                raise CompressionError(self._nonfinite_message(bad))
+            for job, result, who in zip(self._pending, results, bad, strict=True):
+                if who:
+                    self.memory.memory.discard(job.key)
+                    value = result.reduced if job.passthrough else torch.full_like(
+                        result.reduced, float("nan")
+                    )
+                    job.buffer.copy_(value.reshape(-1))
+                else:
+                    if result.local is not None and not job.dense:
+                        self.memory.memory.update(job.key, job.compensated, result.local)
+                    job.buffer.copy_(result.reduced.reshape(-1))
             while self._pending:
-                job = self._pending[0]
-                (result,) = job.work.wait()
-                if result.local is not None and not job.dense:
-                    self.memory.memory.update(job.key, job.compensated, result.local)
-                job.buffer.copy_(result.reduced.reshape(-1))
-                self._pending.pop(0)
+                job = self._pending.pop(0)
                 job.future.set_result(job.buffer)
         except BaseException as exc:
             self._fail(exc)
@@ -219,6 +263,18 @@ class DDPHookState:
         if last:
             self.step += 1
             self.counters["steps"] += 1
+
+    def _nonfinite_message(self, bad: list[int]) -> str:
+        parts = []
+        for job, who in zip(self._pending, bad, strict=True):
+            if who:
+                place = "this rank" if job.bad else f"rank {who - 1}"
+                parts.append(f"DDP bucket {job.key} holds NaN or Inf values on {place}")
+        return (
+            "; ".join(parts) + " (nonfinite='raise'); its error-feedback state is as it was "
+            "before this step. The default nonfinite='propagate' hands every rank a NaN bucket "
+            "instead, so GradScaler skips the step"
+        )
 
     def _count_bytes(self) -> None:
         """Add what the backend counted since the last call (it may be shared: no reset)."""
@@ -287,6 +343,8 @@ def ddp_comm_hook(
     overlap: bool = True,
     verify: bool = False,
     dense_steps: int = 0,
+    nonfinite: str = "propagate",
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> tuple[DDPHookState, Any]:
     """``(state, hook)`` for ``DistributedDataParallel.register_comm_hook(state, hook)``.
 
@@ -296,7 +354,10 @@ def ddp_comm_hook(
     SPARSE payloads (:func:`~gradzip.allreduce.strategies.strategy_for`); ``verify``: check
     that ranks agree on every bucket before it moves (one tiny allreduce per bucket);
     ``dense_steps``: the first that many iterations allreduce the plain buckets (no error
-    feedback), then compression starts, like torch's PowerSGD hook's ``start_powerSGD_iter``.
+    feedback), then compression starts, like torch's PowerSGD hook's ``start_powerSGD_iter``;
+    ``nonfinite``: ``"propagate"`` (a NaN/Inf on any rank makes the bucket NaN everywhere, as
+    DDP; GradScaler then skips the step) or ``"raise"``; ``optimizer``: the optimizer the
+    model trains with, required for DGC (checked to have no momentum of its own).
     """
     state = DDPHookState(
         compression,
@@ -307,6 +368,8 @@ def ddp_comm_hook(
         overlap=overlap,
         verify=verify,
         dense_steps=dense_steps,
+        nonfinite=nonfinite,
+        optimizer=optimizer,
     )
     state.backend  # noqa: B018  (build it now: creating a group is collective)
     return state, compressed_hook

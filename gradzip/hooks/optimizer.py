@@ -244,6 +244,7 @@ def DistributedOptimizer(
     gather: str = "allgather",
     sparse: str = "allgather",
     dense_steps: int = 0,
+    nonfinite: str = "propagate",
 ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` so that ``step()`` uses gradients averaged (``op=Average``) or
     summed (``op=Sum``) over all ranks, sent compressed as ``compression`` says.
@@ -262,6 +263,13 @@ def DistributedOptimizer(
     that hold back most of the gradient (1-bit, top-k) are at their least stable in the first
     steps, when the weights move fastest; DGC has its own sparsity warm-up (``set_epoch``), so
     do not spend the same steps on both.
+
+    Gradients are reduced by the time the step's (last) ``backward()`` returns, so
+    ``GradScaler.step(opt)``, clipping and checks see the reduced gradient. ``nonfinite``:
+    with ``"propagate"`` (default, as DDP and Horovod) a NaN/Inf gradient on any rank makes
+    that step's reduced gradient NaN on every rank (the dense casts: the non-finite sum itself)
+    and leaves every error-feedback state as it was, so ``GradScaler`` skips the step on all
+    ranks; ``"raise"`` raises a CompressionError on every rank instead, naming the tensor.
 
     DGC: the wrapped optimizer must have no momentum, and its warm-up runs only if the loop
     calls ``opt.set_epoch(epoch)`` at the start of every epoch (without it DGC sends its final
@@ -293,6 +301,7 @@ def DistributedOptimizer(
         gather=gather,
         sparse=sparse,
         dense_steps=dense_steps,
+        nonfinite=nonfinite,
     )
     base = type(optimizer)
     cls: Any = type(base.__name__, (_DistributedMixin, base), {"__module__": base.__module__})

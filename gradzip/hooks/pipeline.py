@@ -8,11 +8,27 @@ buckets are ordered by where their last tensor sits in that order. A bucket laun
 its gradients are ready *and* every earlier bucket has launched, so all ranks issue the same
 collectives in the same order whatever order their hooks fire in.
 
-Parameters without a gradient on a rank at ``synchronize()`` (an unused branch) contribute
-zeros, so the result is the gradient of the global loss (as Horovod and DDP's
-``find_unused_parameters``). One small MAX allreduce of a "has a gradient" flag per parameter
-then tells which parameters no rank used: those keep their ``.grad`` as it was (``None``
-stays ``None``), as in single-process training, and their error-feedback state is untouched.
+Parameters without a gradient on a rank (an unused branch) go through the same steps with a
+gradient of zeros, error feedback included, so every rank describes every bucket alike and
+the result is the gradient of the global loss (as Horovod and DDP's
+``find_unused_parameters``). One small MAX allreduce per step of a "has a gradient" flag per
+parameter then tells which parameters no rank used: those keep their ``.grad`` as it was
+(``None`` stays ``None``), as in single-process training, and their error-feedback state is
+put back as it was.
+
+Non-finite gradients follow DDP and Horovod (``nonfinite="propagate"``, the default): a
+bucket that holds a NaN/Inf on this rank is sent as zeros (the dense casts send it as it is)
+and flagged in the same per-step allreduce; on every rank, each flagged bucket's reduced
+gradient is NaN (the casts' sum is non-finite by itself), so ``GradScaler`` or the user's own
+check skips the step everywhere, and every error-feedback state of that bucket (residuals,
+DGC's momenta and velocities) is left exactly as before the step. ``nonfinite="raise"``
+raises a CompressionError on every rank instead, naming the tensor (on the rank that had it)
+or the bucket and the rank (elsewhere).
+
+Gradients are reduced by the end of the backward pass that completes a step (a callback the
+autograd engine runs when backward finishes, as DDP's), so ``p.grad`` holds the reduced
+gradient when ``backward()`` returns: ``GradScaler.step(optimizer)``, clipping, or any check
+then sees what every rank sees.
 """
 
 from __future__ import annotations
@@ -22,17 +38,38 @@ from typing import Any
 
 import torch
 
-from gradzip.allreduce.backend import Backend, ReduceOp, Work
+from gradzip.allreduce.backend import Backend, ReduceOp, Work, control
 from gradzip.allreduce.fusion import plan_buckets
 from gradzip.allreduce.strategies import Entry, Reduced, Strategy, strategy_for
 from gradzip.compress import kernels
-from gradzip.compress.base import CompressionError, Compressor, derive_seed
+from gradzip.compress.base import CompressionError, Compressor, Reduction, derive_seed
 from gradzip.compress.memory import NoMemory
 from gradzip.compress.sfb import SFB, sfb_pays
 from gradzip.hooks.policy import DENSE, check_dense_steps
 from gradzip.hooks.sfb import FactorCapture
 
-__all__ = ["GradPipeline", "Slot", "Stream"]
+__all__ = ["NONFINITE", "GradPipeline", "Slot", "Stream", "check_nonfinite", "is_finite"]
+
+#: what a NaN/Inf gradient does: reach the reduced gradient of every rank, or raise
+NONFINITE = ("propagate", "raise")
+
+
+def check_nonfinite(nonfinite: object) -> str:
+    """``nonfinite`` of the optimizer and the DDP hook: one of :data:`NONFINITE`."""
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite={nonfinite!r}; expected one of {NONFINITE}")
+    return str(nonfinite)
+
+
+def is_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds no NaN and no Inf (one read of ``t``, one host sync)."""
+    return t.numel() == 0 or bool(torch.isfinite(t).all())
+
+
+def passes_nonfinite(c: Compressor) -> bool:
+    """Whether ``c``'s payloads carry a NaN/Inf to the sum as they are (the dense casts,
+    without feedback); every other compressor is sent zeros and flagged instead."""
+    return c.reduction is Reduction.SUM and not c.error_feedback
 
 
 @dataclasses.dataclass
@@ -65,6 +102,7 @@ class _Launched:
     entries: list[Entry]
     work: Work[list[Reduced]]
     dense: bool = False  # sent uncompressed during the first ``dense_steps``: no feedback
+    passthrough: bool = False  # NaN/Inf travel as they are (dense casts): no NaN fill needed
 
 
 class GradPipeline:
@@ -82,9 +120,11 @@ class GradPipeline:
         gather: str = "allgather",
         sparse: str = "allgather",
         dense_steps: int = 0,
+        nonfinite: str = "propagate",
     ) -> None:
         plan_buckets([], fusion_bytes)  # validates fusion_bytes
         self.dense_steps = check_dense_steps(dense_steps)
+        self.nonfinite = check_nonfinite(nonfinite)
         self.backend = backend
         self.slots = slots
         self.fusion_bytes = fusion_bytes
@@ -98,13 +138,17 @@ class GradPipeline:
             self.streams.append(Stream(base, base, strategy))
         # the DENSE stream also carries every bucket during the first dense_steps
         self.dense_stream = next(k for k, st in enumerate(self.streams) if st.base == DENSE)
-        self.warmup = NoMemory()  # what the dense steps do instead of error feedback
+        self.warmup = NoMemory(check=False)  # the dense steps' memory (no error feedback)
         for s in slots:
             s.memory = s.compressor.make_memory()
         self.buckets: list[list[int]] | None = None  # fixed at the first launch
         self.pending: list[int] = []
         self.launched: list[_Launched] = []
         self.dirty = False  # a gradient arrived since the last synchronize
+        self.bad: dict[int, str] = {}  # bucket -> its first NaN/Inf tensor on this rank
+        self.snapshots: dict[int, Any] = {}  # slot -> memory kept aside by a fused step
+        self.backwards = 0  # backward passes finished since the last synchronize
+        self._queued = False  # the end-of-backward callback is queued
 
     # ------------------------------------------------------------------ the plan
     def _sfb_decisions(self) -> dict[int, bool]:
@@ -113,7 +157,7 @@ class GradPipeline:
         idx = [i for i, s in enumerate(self.slots) if s.capture is not None]
         if not idx:
             return {}
-        rows = torch.tensor([self.slots[i].capture.rows for i in idx], dtype=torch.int64)  # type: ignore[union-attr]
+        rows = control(self.backend, [self.slots[i].capture.rows for i in idx], torch.int64)  # type: ignore[union-attr]
         rows = self.backend.allreduce(rows, ReduceOp.MAX).wait()
         out = {}
         for i, b in zip(idx, rows.tolist(), strict=True):
@@ -162,6 +206,9 @@ class GradPipeline:
             if s.capture is not None:
                 s.capture.clear()
         self.dirty = False
+        self.bad = {}
+        self.snapshots = {}
+        self.backwards = 0
 
     # ------------------------------------------------------------------ during backward
     def on_grad(self, i: int) -> None:
@@ -170,6 +217,9 @@ class GradPipeline:
         buckets = self.plan()
         slot.passes += 1
         self.dirty = True
+        if not self._queued:  # reduce what is left when this backward pass ends
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
         if slot.passes > self.passes_per_step:
             raise RuntimeError(
                 f"the gradient of {slot.name!r} was computed {slot.passes} times before "
@@ -181,41 +231,72 @@ class GradPipeline:
             while len(self.launched) < len(buckets) and self.pending[len(self.launched)] == 0:
                 self._launch(len(self.launched))
 
+    def _backward_done(self) -> None:
+        """End of a backward pass: the step's gradients are complete after the
+        ``passes_per_step``-th, so reduce them now (``synchronize`` is then a no-op)."""
+        self._queued = False
+        self.backwards += 1
+        if self.backwards >= self.passes_per_step and self.dirty:
+            self.synchronize()
+
     @property
     def dense(self) -> bool:
         """Whether this step sends every gradient uncompressed (the first ``dense_steps``)."""
         return self.step < self.dense_steps
 
-    def _entry(self, i: int) -> Entry:
-        """Slot ``i``'s entry: factors, compensated gradient, or zeros when it has none."""
+    def _grad(self, i: int, passthrough: bool) -> torch.Tensor:
+        """Slot ``i``'s gradient as this step sends it: zeros where it has none, and zeros
+        (the bucket flagged) where it holds a NaN/Inf, unless ``passthrough``."""
         s = self.slots[i]
+        g = s.param.grad if s.passes > 0 else None
+        if g is not None and not is_finite(g):
+            self.bad.setdefault(s.bucket, s.name)
+            if not passthrough:
+                g = None
+        return torch.zeros_like(s.param) if g is None else g
+
+    def _entry(self, i: int) -> Entry:
+        """Slot ``i``'s entry: factors, or the compensated gradient, or a fused payload."""
+        s = self.slots[i]
+        stream = self.streams[s.stream]
         if self.dense:  # warm-up: the plain gradient; error feedback starts afterwards
-            if s.passes == 0 or s.param.grad is None:
-                return Entry(s.name, torch.zeros_like(s.param, dtype=torch.float32))
-            return Entry(s.name, self.warmup.compensate(s.name, s.param.grad))
+            return Entry(s.name, self.warmup.compensate(s.name, self._grad(i, True)))
         if s.capture is not None:
             assert isinstance(s.compressor, SFB)
             if s.passes == 0:
                 payload, ctx = s.capture.empty(s.compressor)
                 return Entry(s.name, payload=payload, ctx=ctx)
             payload, ctx = s.capture.payload(s.compressor)
-            if not s.checked and s.param.grad is not None:
+            if s.param.grad is not None and not is_finite(s.param.grad):
+                self.bad.setdefault(s.bucket, s.name)
+            elif not s.checked and s.param.grad is not None:
                 s.capture.check(s.compressor, payload, ctx, s.param.grad)
                 s.checked = True
             return Entry(s.name, payload=payload, ctx=ctx)
-        if s.passes == 0 or s.param.grad is None:
-            return Entry(s.name, torch.zeros_like(s.param, dtype=torch.float32))
-        stream = self.streams[s.stream]
+        grad = self._grad(i, passes_nonfinite(stream.compressor))
         if stream.strategy.takes_payloads:
             # 1-bit SGD (and DGC's kernel on CUDA) fuse compensate, compress and the residual
-            # update into one sweep; the strategy then gets the payload, not the tensor
+            # update into one sweep; the strategy then gets the payload, not the tensor. The
+            # memory before it is kept aside until every rank's step is known to count.
             seed = derive_seed(self.seed, self.step, s.name, self.backend.rank)
-            fused = kernels.feedback_step(
-                stream.compressor, s.memory, s.name, s.param.grad, seed=seed
-            )
-            if fused is not None:
-                return Entry(s.name, payload=fused[0], ctx=fused[1])
-        return Entry(s.name, s.memory.compensate(s.name, s.param.grad))
+            if kernels.has_feedback_step(stream.compressor, grad):
+                snap = s.memory.snapshot(s.name)
+                self.snapshots[i] = snap
+                try:
+                    fused = kernels.feedback_step(
+                        stream.compressor, s.memory, s.name, grad, seed=seed
+                    )
+                except BaseException:
+                    s.memory.restore(s.name, snap)
+                    del self.snapshots[i]
+                    raise
+                if fused is not None:
+                    return Entry(s.name, payload=fused[0], ctx=fused[1])
+                del self.snapshots[i]
+                s.memory.restore(s.name, snap)
+        if passes_nonfinite(stream.compressor):
+            return Entry(s.name, grad.to(torch.float32))
+        return Entry(s.name, s.memory.compensate(s.name, grad))
 
     def _launch(self, b: int) -> None:
         assert self.buckets is not None
@@ -226,7 +307,8 @@ class GradPipeline:
         work = stream.strategy.start(
             self.backend, stream.compressor, entries, seed=self.seed, step=self.step
         )
-        self.launched.append(_Launched(group, entries, work, dense))
+        passthrough = dense or passes_nonfinite(stream.compressor)
+        self.launched.append(_Launched(group, entries, work, dense, passthrough))
 
     # ------------------------------------------------------------------ synchronize
     def synchronize(self) -> None:
@@ -240,13 +322,37 @@ class GradPipeline:
         if not self.slots:  # every parameter frozen: nothing to agree on
             self.step += 1
             return
-        flags = torch.tensor([int(s.passes > 0) for s in self.slots], dtype=torch.int32)
-        used = self.backend.allreduce(flags, ReduceOp.MAX).wait().tolist()
-        for done in self.launched:
-            for i, entry, red in zip(done.slots, done.entries, done.work.wait(), strict=True):
-                if used[i]:
+        n = len(self.slots)
+        me = self.backend.rank + 1
+        flags = [int(s.passes > 0) for s in self.slots]
+        flags += [me if b in self.bad else 0 for b in range(len(buckets))]
+        agreed = self.backend.allreduce(control(self.backend, flags, torch.int32), ReduceOp.MAX)
+        got = agreed.wait().tolist()
+        used, bad = got[:n], got[n:]
+        results = [done.work.wait() for done in self.launched]
+        if self.nonfinite == "raise" and any(bad):
+            for done in self.launched:
+                for i in done.slots:
+                    self._call_off(i)
+            self.step += 1
+            self._reset_after_step()
+            raise CompressionError(self._nonfinite_message(bad))
+        for b, (done, reduced) in enumerate(zip(self.launched, results, strict=True)):
+            for i, entry, red in zip(done.slots, done.entries, reduced, strict=True):
+                if not used[i]:
+                    self._call_off(i)
+                elif bad[b]:
+                    self._call_off(i)
+                    value = red.reduced if done.passthrough else torch.full_like(
+                        red.reduced, float("nan")
+                    )
+                    self._write(i, entry, Reduced(value, None), feedback=False)
+                else:
                     self._write(i, entry, red, feedback=not done.dense)
         self.step += 1
+        self._reset_after_step()
+
+    def _reset_after_step(self) -> None:
         # every bucket's layout (keys, sizes, compressor) is fixed at the first launch and was
         # compared across ranks then; later steps repeat it, so the per-bucket check (one
         # blocking allreduce each) is not paid again
@@ -254,9 +360,35 @@ class GradPipeline:
             st.strategy.verify = False
         self._reset()
 
+    def _call_off(self, i: int) -> None:
+        """Leave slot ``i``'s error-feedback state as it was before this step."""
+        s = self.slots[i]
+        if i in self.snapshots:
+            s.memory.restore(s.name, self.snapshots.pop(i))
+        else:
+            s.memory.discard(s.name)
+
+    def _nonfinite_message(self, bad: list[int]) -> str:
+        assert self.buckets is not None
+        parts = []
+        for b, who in enumerate(bad):
+            if not who:
+                continue
+            if b in self.bad:
+                parts.append(f"gradient {self.bad[b]!r} holds NaN or Inf values on this rank")
+            else:
+                names = [self.slots[i].name for i in self.buckets[b]]
+                parts.append(f"the bucket of {names} holds NaN or Inf values on rank {who - 1}")
+        return (
+            "; ".join(parts)
+            + " (nonfinite='raise'); nothing was applied and every error-feedback state is as "
+            "it was before this step. The default nonfinite='propagate' hands a NaN gradient to "
+            "every rank instead, so GradScaler skips the step"
+        )
+
     def _write(self, i: int, entry: Entry, red: Reduced, feedback: bool = True) -> None:
         s = self.slots[i]
-        if feedback and s.passes > 0 and entry.tensor is not None and red.local is not None:
+        if feedback and entry.tensor is not None and red.local is not None:
             s.memory.update(s.name, entry.tensor, red.local)
         value = red.reduced.reshape(s.param.shape)
         if s.param.grad is None:

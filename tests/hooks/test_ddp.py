@@ -102,8 +102,10 @@ def _train(backend: Any, data: tuple[torch.Tensor, torch.Tensor]) -> dict[str, A
     for label, (spec, kw) in runs.items():
         torch.manual_seed(0)
         model = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        if spec is not None and spec.startswith("dgc"):
+            kw = {**kw, "optimizer": opt}  # DGC checks the optimizer has no momentum
         ddp, state = _ddp(model, spec, **kw)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
         sums = []
         for step in range(STEPS):
             lo = step * BATCH % len(xs)
@@ -171,7 +173,8 @@ def test_bucket_rebuild_is_detected(exact: list[dict[str, Any]]) -> None:
     # one bucket in step 1, two after the rebuild
     assert stats["buckets"] == 1 + 2 * 4
     assert exact[0]["none_pickled"] == stats
-    assert stats["bytes_in"] == stats["dense_bytes"]  # "none" sends the buckets as they are
+    # "none" sends the buckets as they are, plus one int32 finiteness flag per bucket
+    assert stats["bytes_in"] == stats["dense_bytes"] + 4 * stats["buckets"]
     # scatter_gather's server residuals live on chunks of the old buckets: reset, and counted
     sg = exact[0]["onebit_sg_stats"]
     assert sg["rebuilds"] == 1 and sg["resets"] == 1
@@ -307,13 +310,45 @@ def test_sfb_and_bad_options_fail_clearly() -> None:
         DDPHookState("zip", backend=LocalBackend())
 
 
-def test_nan_bucket_fails_every_pending_future() -> None:
+def test_nan_bucket_reaches_the_result_and_leaves_the_memory() -> None:
+    """Default: no exception; the NaN bucket completes as NaN, the other as usual, and the NaN
+    bucket's residual is not created. With nonfinite='raise' every pending future fails."""
     state = DDPHookState("topk:ratio=0.5", backend=LocalBackend())
     p1, p2 = _params(5, 6, 6)
     first = compressed_hook(state, FakeBucket(0, [p1], last=False))  # type: ignore[arg-type]
-    p2.grad[3] = float("nan")  # type: ignore[index]
-    with pytest.raises(CompressionError, match="NaN"):
-        compressed_hook(state, FakeBucket(1, [p2], last=True))  # type: ignore[arg-type]
+    p2.grad[3] = float("inf")  # type: ignore[index]
+    second = compressed_hook(state, FakeBucket(1, [p2], last=True))  # type: ignore[arg-type]
+    assert torch.isnan(second.wait()).all() and torch.isfinite(first.wait()).all()
+    assert 1 not in state.memory.memory.residuals and 0 in state.memory.memory.residuals
+    before = state.memory.memory.residuals[0].clone()
+    p1.grad[0] = float("nan")  # type: ignore[index]
+    p2.grad[3] = 1.0  # type: ignore[index]
+    compressed_hook(state, FakeBucket(0, [p1], last=False))  # type: ignore[arg-type]
+    compressed_hook(state, FakeBucket(1, [p2], last=True)).wait()  # type: ignore[arg-type]
+    assert torch.equal(state.memory.memory.residuals[0], before)  # called off: as it was
+
+    strict = DDPHookState("topk:ratio=0.5", backend=LocalBackend(), nonfinite="raise")
+    q1, q2 = _params(5, 6, 6)
+    first = compressed_hook(strict, FakeBucket(0, [q1], last=False))  # type: ignore[arg-type]
+    q2.grad[3] = float("nan")  # type: ignore[index]
+    with pytest.raises(CompressionError, match="bucket 1 holds NaN or Inf"):
+        compressed_hook(strict, FakeBucket(1, [q2], last=True))  # type: ignore[arg-type]
     with pytest.raises(CompressionError, match="NaN"):
         first.wait()
-    assert 1 not in state.memory.memory.residuals
+    assert not strict.memory.memory.residuals
+    with pytest.raises(ValueError, match="nonfinite='skip'"):
+        DDPHookState("none", backend=LocalBackend(), nonfinite="skip")
+
+
+def test_dgc_needs_the_optimizer_to_check_its_momentum() -> None:
+    model = nn.Linear(4, 4)
+    with pytest.raises(CompressionError, match="optimizer="):
+        DDPHookState("dgc", backend=LocalBackend())
+    with pytest.raises(ValueError, match="momentum"):
+        DDPHookState(
+            "dgc", backend=LocalBackend(),
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        )  # fmt: skip
+    DDPHookState(
+        "dgc", backend=LocalBackend(), optimizer=torch.optim.SGD(model.parameters(), lr=0.1)
+    )

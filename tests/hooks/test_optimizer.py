@@ -151,20 +151,26 @@ def _unused_and_frozen(backend: Backend) -> dict[str, Any]:
 
 
 def _misuse(backend: Backend) -> dict[str, Any]:
-    """zero_grad between backward and step; more passes than backward_passes_per_step."""
+    """zero_grad between two accumulated backward passes; reduced by the end of backward."""
     model, opt, _, _ = _pair(backend)
     out: dict[str, Any] = {"isinstance": isinstance(opt, torch.optim.SGD)}
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    loss_of(model, *batch(0, backend.rank)).backward()
+    acc_model = Net()
+    acc = gradzip.DistributedOptimizer(
+        torch.optim.SGD(acc_model.parameters(), lr=0.1), acc_model.named_parameters(),
+        backend=backend, backward_passes_per_step=2,
+    )  # fmt: skip
+    loss_of(acc_model, *batch(0, backend.rank)).backward()  # 1 of 2: still accumulating
     try:
-        opt.zero_grad()
+        acc.zero_grad()
     except RuntimeError as e:
         out["zero_grad"] = str(e)
-    try:
-        loss_of(model, *batch(1, backend.rank)).backward()
-    except RuntimeError as e:
-        out["passes"] = str(e)
-    opt.step()  # finishes the first backward's communication on both ranks
+    loss_of(acc_model, *batch(1, backend.rank)).backward()  # 2 of 2: reduced as it ends
+    out["acc_dirty"] = acc._gz.dirty  # type: ignore[attr-defined]
+    acc.step()
+    loss_of(model, *batch(0, backend.rank)).backward()
+    out["dirty_after_backward"] = opt._gz.dirty  # type: ignore[attr-defined]
+    opt.step()
     sched.step()
     out["lr"] = opt.param_groups[0]["lr"]
     out["same"] = same_on_all_ranks(backend, model)
@@ -202,12 +208,14 @@ def _onebit(backend: Backend, dense_steps: int = 0) -> dict[str, Any]:
         )
         comp = OneBit()
         memories = [ResidualMemory() for _ in range(P)]
-        residuals, exact = [], []
+        residuals, exact, branch = [], [], []
         for step in range(STEPS):
             opt.zero_grad()
             loss_of(model, *batch(step, backend.rank)).backward()
             opt.step()
-            residuals.append(len(opt.state_dict()["gradzip"]["memories"]["fc1.weight"]["residuals"]))
+            memories_now = opt.state_dict()["gradzip"]["memories"]
+            residuals.append(len(memories_now["fc1.weight"]["residuals"]))
+            branch.append(len(memories_now["branch.weight"]["residuals"]))
             decoded = []
             for r in range(P):
                 grads = grads_of(ref, lambda r=r, s=step: loss_of(ref, *batch(s, r)))
@@ -234,6 +242,7 @@ def _onebit(backend: Backend, dense_steps: int = 0) -> dict[str, Any]:
         "want": flat(ref),
         "calls": len(calls),
         "residuals": residuals,
+        "branch": branch,
         "exact": exact,
     }
 
@@ -268,7 +277,10 @@ def test_none_equals_hand_reduced_reference(runs: list[dict[str, Any]], case: st
 def test_onebit_fused_feedback_equals_unfused_reference(runs: list[dict[str, Any]]) -> None:
     for r in runs:
         o = r["onebit"]
-        assert o["calls"] == STEPS * 4  # fc1/fc2 weight and bias, every step: the fused path
+        # fc1, fc2 and the unused branch (weights and biases), every step: the fused path;
+        # the branch, which no rank used, has its feedback called off each time
+        assert o["calls"] == STEPS * 6
+        assert o["branch"] == [0] * STEPS
         torch.testing.assert_close(o["got"], o["want"], rtol=1e-6, atol=1e-7)
     assert torch.equal(runs[0]["onebit"]["got"], runs[1]["onebit"]["got"])
 
@@ -278,7 +290,7 @@ def test_dense_steps_send_plain_gradients_then_start_feedback(
 ) -> None:
     for r in runs:
         o = r["onebit_dense2"]
-        assert o["calls"] == (STEPS - 2) * 4  # no 1-bit step during the two dense ones
+        assert o["calls"] == (STEPS - 2) * 6  # no 1-bit step during the two dense ones
         assert o["exact"][:2] == [True, True]  # plain averages: bit for bit the reference
         assert o["residuals"][:2] == [0, 0]  # no residual state while dense
         assert all(n > 0 for n in o["residuals"][2:])  # error feedback from step 3 on
@@ -320,7 +332,7 @@ def test_misuse_fails_loudly_and_schedulers_work(runs: list[dict[str, Any]]) -> 
         m = r["misuse"]
         assert m["isinstance"]
         assert "zero_grad() was called after loss.backward()" in m["zero_grad"]
-        assert "backward_passes_per_step=1" in m["passes"]
+        assert not m["acc_dirty"] and not m["dirty_after_backward"]  # reduced in backward
         assert m["lr"] == pytest.approx(0.05)
         assert m["same"]
         assert any("skip_synchronize" in w for w in m["warnings"])

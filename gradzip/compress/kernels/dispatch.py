@@ -40,6 +40,7 @@ __all__ = [
     "decompress",
     "decompress_sum",
     "feedback_step",
+    "has_feedback_step",
     "kernel_compress",
     "kernel_decompress",
     "kernel_module",
@@ -221,6 +222,15 @@ def decompress_sum(
         part = comp.decompress(payload, ctx).to(torch.float32)
         total = total + part if i == 0 else total.add_(part)
     return total * scale if scale != 1.0 else total
+
+
+def has_feedback_step(comp: Compressor, grad: torch.Tensor) -> bool:
+    """Whether :func:`feedback_step` has a fused step for ``comp`` on ``grad``'s device."""
+    if use_kernel(comp, grad):
+        module = kernel_module(comp.name)
+        if getattr(module, "compress_with_feedback", None) or getattr(module, "step", None):
+            return True
+    return getattr(comp, "compress_with_feedback", None) is not None
 
 
 def feedback_step(
