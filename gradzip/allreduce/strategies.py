@@ -132,6 +132,9 @@ class Strategy(abc.ABC):
     def __init__(self, *, average: bool = True, verify: bool = True) -> None:
         self.average = average
         self.verify = verify
+        #: hold state changes (server residuals) until :meth:`settle`; the optimizer and the
+        #: DDP hook set it, so that a step called off on every rank changes nothing
+        self.deferred = False
 
     def start(
         self,
@@ -161,6 +164,11 @@ class Strategy(abc.ABC):
 
     def _finish(self, total: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
         return (total / size if self.average else total).to(dtype)
+
+    def settle(self, key: Any, keep: bool) -> None:
+        """After a step's results are in: keep (``keep``) or call off the strategy state that
+        entry ``key`` changed this step (server-side residuals); nothing for most."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         """Strategy state for a checkpoint (server-side residuals); empty for most."""
@@ -307,6 +315,8 @@ class ScatterGatherStrategy(Strategy):
     def __init__(self, *, average: bool = True, verify: bool = True) -> None:
         super().__init__(average=average, verify=verify)
         self.server: ResidualMemory | NoMemory | None = None
+        # key -> (compensated, decompressed) of this step's server update, until settle()
+        self.staged: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _chunks(
         self, backend: Backend, c: Compressor, entries: list[Entry], seed: int, step: int
@@ -388,10 +398,24 @@ class ScatterGatherStrategy(Strategy):
         shared = kernels.shared_stat(c, compensated)
         s = derive_seed(seed, step, f"{e.key}/server", me)
         payload, sctx = kernels.compress(c, compensated, seed=s, shared=shared)
-        self.server.update(e.key, compensated, kernels.decompress(c, payload, sctx))
+        decompressed = kernels.decompress(c, payload, sctx)
+        if self.deferred:
+            self.staged[e.key] = (compensated, decompressed)
+        else:
+            self.server.update(e.key, compensated, decompressed)
         return payload
 
+    def settle(self, key: Any, keep: bool) -> None:
+        """Store this step's server residual of ``key`` (``keep``), or leave the old one (a
+        step called off: a NaN/Inf on some rank, or an entry no rank used)."""
+        staged = self.staged.pop(key, None)
+        if staged is not None and keep:
+            assert self.server is not None
+            self.server.update(key, *staged)
+
     def state_dict(self) -> dict[str, Any]:
+        if self.staged:
+            raise RuntimeError("scatter_gather: state_dict() while a step is not settled")
         return {"server": self.server.state_dict() if self.server is not None else {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -95,7 +95,12 @@ class BucketMemory:
                 ]
             )
         self.pool = {f: p for f, p in self.pool.items() if p}
+        # earlier buckets of this step may be between compensate and update (DGC's new
+        # momenta wait in ``_pending``): loading the state must not drop them
+        pending = dict(getattr(self.memory, "_pending", {}))
         self.memory.load_state_dict(state)
+        if pending:
+            self.memory._pending.update(pending)  # type: ignore[attr-defined]
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped memory's state and each bucket's parameter sizes (no parameter ids)."""

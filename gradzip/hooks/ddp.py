@@ -25,8 +25,9 @@ instead (counted in ``stats["resets"]``).
 **Non-finite gradients** follow DDP: a bucket holding a NaN/Inf on some rank is NaN on every
 rank when its future completes (the dense casts carry the non-finite sum itself; the others
 send zeros and are flagged in one tiny allreduce per step, issued when the last bucket
-arrives), so ``GradScaler`` skips the step everywhere, and the bucket's error-feedback state
-(residuals, DGC's momenta and velocities) stays as it was before that step.
+arrives), so ``GradScaler`` skips the step everywhere, and the error-feedback state of every
+bucket of that step (residuals, DGC's momenta and velocities, server residuals) stays as it
+was before it: memory updates wait for the step's last bucket.
 ``nonfinite="raise"`` fails every future on every rank with a CompressionError instead.
 
 **DGC** applies momentum itself; the hook cannot see the optimizer, so it takes it:
@@ -71,6 +72,7 @@ class _InFlight(NamedTuple):
 
     future: torch.futures.Future[torch.Tensor]
     work: Work[list[Reduced]]
+    strategy: Any  # what reduced it (settles its server-side state)
     key: int
     compensated: torch.Tensor
     buffer: torch.Tensor
@@ -149,15 +151,19 @@ class DDPHookState:
         self.strategy = self._new_strategy()
         self._dense = strategy_for(DENSE, verify=verify)  # carries the first dense_steps
         self._pending: list[_InFlight] = []
+        self._settle: list[tuple[_InFlight, Reduced]] = []  # done buckets of this step
+        self._skipped = False  # a bucket of this step held a NaN/Inf on some rank
         self._backend: Backend | None = backend
         self._counted = (0, 0)  # backend byte counters already added to the statistics
         # statistics
         self.counters: dict[str, int] = dict.fromkeys(_STATS, 0)
 
     def _new_strategy(self) -> Any:
-        return strategy_for(
+        strategy = strategy_for(
             self.compression, gather=self.gather, sparse=self.sparse, verify=self.verify
         )
+        strategy.deferred = True  # settled per step, once every rank's flags are known
+        return strategy
 
     @property
     def backend(self) -> Backend:
@@ -212,7 +218,7 @@ class DDPHookState:
             raise
         future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
         self._pending.append(
-            _InFlight(future, work, index, compensated, buffer, dense, bad, passthrough)
+            _InFlight(future, work, strategy, index, compensated, buffer, dense, bad, passthrough)
         )
         nbytes = buffer.numel() * buffer.element_size()
         self.counters["buckets"] += 1
@@ -240,18 +246,17 @@ class DDPHookState:
             if self.nonfinite == "raise" and any(bad):
                 for job in self._pending:
                     self.memory.memory.discard(job.key)
+                    job.strategy.settle(job.key, keep=False)
                 raise CompressionError(self._nonfinite_message(bad))
+            self._skipped = self._skipped or any(bad)
             for job, result, who in zip(self._pending, results, bad, strict=True):
-                if who:
-                    self.memory.memory.discard(job.key)
-                    value = result.reduced if job.passthrough else torch.full_like(
-                        result.reduced, float("nan")
-                    )
-                    job.buffer.copy_(value.reshape(-1))
-                else:
-                    if result.local is not None and not job.dense:
-                        self.memory.memory.update(job.key, job.compensated, result.local)
-                    job.buffer.copy_(result.reduced.reshape(-1))
+                self._settle.append((job, result))
+                value = result.reduced
+                if who and not job.passthrough:
+                    value = torch.full_like(value, float("nan"))
+                job.buffer.copy_(value.reshape(-1))
+            if last:  # the step is complete: keep its feedback, or none of it when skipped
+                self._finish_step()
             while self._pending:
                 job = self._pending.pop(0)
                 job.future.set_result(job.buffer)
@@ -263,6 +268,17 @@ class DDPHookState:
         if last:
             self.step += 1
             self.counters["steps"] += 1
+
+    def _finish_step(self) -> None:
+        """Update the memory with every bucket of the step, or (some bucket held a NaN/Inf on
+        some rank, so every rank skips the step) leave all of it as it was."""
+        for job, result in self._settle:
+            job.strategy.settle(job.key, keep=not self._skipped)
+            if self._skipped:
+                self.memory.memory.discard(job.key)
+            elif result.local is not None and not job.dense:
+                self.memory.memory.update(job.key, job.compensated, result.local)
+        self._settle, self._skipped = [], False
 
     def _nonfinite_message(self, bad: list[int]) -> str:
         parts = []
@@ -291,7 +307,11 @@ class DDPHookState:
         for job in self._pending:
             if not job.future.done():
                 job.future.set_exception(exc)  # type: ignore[arg-type]  # torch stub: Tensor
+        for job in [*self._pending, *(j for j, _ in self._settle)]:  # the memory stays as it was
+            self.memory.memory.discard(job.key)
+            job.strategy.settle(job.key, keep=False)
         self._pending.clear()
+        self._settle, self._skipped = [], False
 
     # -- pickling -----------------------------------------------------------------------------
 
@@ -315,6 +335,7 @@ class DDPHookState:
         self.strategy = self._new_strategy()
         self.strategy.load_state_dict(strategy)
         self._pending, self._backend, self._counted = [], None, (0, 0)
+        self._settle, self._skipped = [], False
         self._dense = strategy_for(DENSE, verify=self.verify)
 
 

@@ -20,8 +20,9 @@ Non-finite gradients follow DDP and Horovod (``nonfinite="propagate"``, the defa
 bucket that holds a NaN/Inf on this rank is sent as zeros (the dense casts send it as it is)
 and flagged in the same per-step allreduce; on every rank, each flagged bucket's reduced
 gradient is NaN (the casts' sum is non-finite by itself), so ``GradScaler`` or the user's own
-check skips the step everywhere, and every error-feedback state of that bucket (residuals,
-DGC's momenta and velocities) is left exactly as before the step. ``nonfinite="raise"``
+check skips the step everywhere, and every error-feedback state of the step (residuals, DGC's
+momenta and velocities, scatter-gather's server residuals; of every bucket, since the whole
+step is skipped) is left exactly as before it. ``nonfinite="raise"``
 raises a CompressionError on every rank instead, naming the tensor (on the rank that had it)
 or the bucket and the rank (elsewhere).
 
@@ -101,6 +102,7 @@ class _Launched:
     slots: list[int]
     entries: list[Entry]
     work: Work[list[Reduced]]
+    strategy: Strategy  # what reduced it (settles its server-side state)
     dense: bool = False  # sent uncompressed during the first ``dense_steps``: no feedback
     passthrough: bool = False  # NaN/Inf travel as they are (dense casts): no NaN fill needed
 
@@ -135,6 +137,7 @@ class GradPipeline:
         self.streams: list[Stream] = []
         for base in dict.fromkeys([s.compressor for s in slots] + [DENSE]):
             strategy = strategy_for(base, gather=gather, sparse=sparse, average=average)
+            strategy.deferred = True  # settled per step, once every rank's flags are known
             self.streams.append(Stream(base, base, strategy))
         # the DENSE stream also carries every bucket during the first dense_steps
         self.dense_stream = next(k for k, st in enumerate(self.streams) if st.base == DENSE)
@@ -308,7 +311,9 @@ class GradPipeline:
             self.backend, stream.compressor, entries, seed=self.seed, step=self.step
         )
         passthrough = dense or passes_nonfinite(stream.compressor)
-        self.launched.append(_Launched(group, entries, work, dense, passthrough))
+        self.launched.append(
+            _Launched(group, entries, work, stream.strategy, dense, passthrough)
+        )
 
     # ------------------------------------------------------------------ synchronize
     def synchronize(self) -> None:
@@ -333,22 +338,27 @@ class GradPipeline:
         if self.nonfinite == "raise" and any(bad):
             for done in self.launched:
                 for i in done.slots:
-                    self._call_off(i)
+                    self._call_off(i, done)
             self.step += 1
             self._reset_after_step()
             raise CompressionError(self._nonfinite_message(bad))
+        skipped = any(bad)  # every rank skips this step: no error-feedback state may move
         for b, (done, reduced) in enumerate(zip(self.launched, results, strict=True)):
             for i, entry, red in zip(done.slots, done.entries, reduced, strict=True):
                 if not used[i]:
-                    self._call_off(i)
-                elif bad[b]:
-                    self._call_off(i)
+                    self._call_off(i, done)
+                elif skipped:
+                    self._call_off(i, done)
+                    if not bad[b]:
+                        self._write(i, entry, red, feedback=False)
+                        continue
                     value = red.reduced if done.passthrough else torch.full_like(
                         red.reduced, float("nan")
                     )
                     self._write(i, entry, Reduced(value, None), feedback=False)
                 else:
                     self._write(i, entry, red, feedback=not done.dense)
+                    done.strategy.settle(entry.key, keep=True)
         self.step += 1
         self._reset_after_step()
 
@@ -360,9 +370,10 @@ class GradPipeline:
             st.strategy.verify = False
         self._reset()
 
-    def _call_off(self, i: int) -> None:
-        """Leave slot ``i``'s error-feedback state as it was before this step."""
+    def _call_off(self, i: int, done: _Launched) -> None:
+        """Leave slot ``i``'s error-feedback state (and its strategy's) as before this step."""
         s = self.slots[i]
+        done.strategy.settle(s.name, keep=False)
         if i in self.snapshots:
             s.memory.restore(s.name, self.snapshots.pop(i))
         else:
