@@ -97,3 +97,41 @@ def test_bad_input_is_named() -> None:
         sparse_allreduce(b, torch.tensor([0, 12]), torch.ones(2), 10)
     with pytest.raises(CompressionError, match="one length"):
         sparse_allreduce(b, torch.tensor([0, 1]), torch.ones(3), 10)
+
+
+def _order_sensitive(device: str) -> list[Any]:
+    """Four ranks' top-k payloads that all hit element 0, with values whose fp32 sum depends
+    on the order of the additions (1e8 + 1 - 1e8 + 1 ...)."""
+    from gradzip.compress.base import Payload
+
+    values = [1e8, 1.0, -1e8, 1.0]
+    return [
+        Payload(
+            (
+                torch.tensor([0, 1 + r], dtype=torch.int32, device=device),
+                torch.tensor([v, float(r)], dtype=torch.float32, device=device),
+            )
+        )
+        for r, v in enumerate(values)
+    ]
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_sparse_sums_are_taken_in_rank_order(device: str) -> None:
+    """Every rank's receive side adds the ranks' payloads one by one, in rank order (CUDA's
+    atomics would otherwise choose the order of repeated indices)."""
+    import gradzip
+    from gradzip.allreduce.strategies import combine
+    from gradzip.compress.topk import SparseCtx
+
+    payloads = _order_sensitive(device)
+    ctx = SparseCtx(torch.Size([6]), torch.float32, 6)
+    expect = torch.zeros(6, dtype=torch.float32)
+    for p in payloads:  # ((((0 + 1e8) + 1) - 1e8) + 1) in fp32 = 1, not 2
+        expect.index_add_(0, p[0].long().cpu(), p[1].cpu())
+    for spec in ("topk:ratio=0.5", "dgc:ratio=0.5"):
+        c = gradzip.compressor(spec)
+        for _ in range(5):
+            got = combine(c, payloads, ctx).cpu()
+            assert torch.equal(got, expect), (spec, got)
+    assert expect[0].item() == 1.0  # the order matters for this input
