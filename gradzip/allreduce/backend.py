@@ -231,7 +231,9 @@ def check_device(backend: Backend, t: torch.Tensor, what: str) -> None:
         )
 
 
-def control(backend: Backend, values: Sequence[int] | Sequence[float], dtype: torch.dtype) -> torch.Tensor:
+def control(
+    backend: Backend, values: Sequence[int] | Sequence[float], dtype: torch.dtype
+) -> torch.Tensor:
     """A small control tensor (flags, fingerprints, sizes, scalers) on ``backend.device``: the
     one place such tensors are made."""
     return torch.tensor(list(values), dtype=dtype, device=backend.device)

@@ -185,7 +185,9 @@ def sparse_allgather(
         out = torch.zeros(n, dtype=torch.float32, device=values.device)
         for b in bufs:  # rank order; indices are unique within one rank's vector
             if b.numel():
-                got = _decode(b.to(values.device), n + 1)  # n + 1: never mistaken for a dense message
+                got = _decode(
+                    b.to(values.device), n + 1
+                )  # n + 1: never mistaken for a dense message
                 assert got.idx is not None
                 out.index_add_(0, got.idx, got.vals)
         return out

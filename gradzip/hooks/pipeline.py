@@ -311,9 +311,7 @@ class GradPipeline:
             self.backend, stream.compressor, entries, seed=self.seed, step=self.step
         )
         passthrough = dense or passes_nonfinite(stream.compressor)
-        self.launched.append(
-            _Launched(group, entries, work, stream.strategy, dense, passthrough)
-        )
+        self.launched.append(_Launched(group, entries, work, stream.strategy, dense, passthrough))
 
     # ------------------------------------------------------------------ synchronize
     def synchronize(self) -> None:
@@ -352,8 +350,10 @@ class GradPipeline:
                     if not bad[b]:
                         self._write(i, entry, red, feedback=False)
                         continue
-                    value = red.reduced if done.passthrough else torch.full_like(
-                        red.reduced, float("nan")
+                    value = (
+                        red.reduced
+                        if done.passthrough
+                        else torch.full_like(red.reduced, float("nan"))
                     )
                     self._write(i, entry, Reduced(value, None), feedback=False)
                 else:

@@ -55,7 +55,9 @@ HOOK_RUNS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))
+    return nn.Sequential(
+        nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5)
+    )
 
 
 def _flat(model: nn.Module) -> torch.Tensor:
@@ -129,6 +131,7 @@ def _optimizer(backend: Backend, spec: str, kw: dict[str, Any]) -> dict[str, Any
         model.named_parameters(), compression=spec, backend=backend, model=model,
         min_compress_numel=0, fusion_bytes=8192, **kw,
     )  # fmt: skip
+
     def snap() -> Any:  # the error-feedback state (not the step counter, which moves on)
         state = opt.state_dict()["gradzip"]
         return {"memories": state["memories"], "strategies": state["strategies"]}
