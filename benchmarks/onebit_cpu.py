@@ -86,9 +86,28 @@ def main(argv: list[str] | None = None) -> None:
 
         return run
 
+    kept_mem = ResidualMemory()
+    kept_mem.residuals["g"] = residual.clone()
+
+    def kept(copy: bool) -> Callable[[], object]:
+        """What the optimizer runs: the step undoable until every rank's flags are in (the
+        old residual kept aside, by a copy or by writing the new one into the spare)."""
+
+        def run() -> object:
+            snap = kept_mem.snapshot("g", copy=copy)
+            out = comp.compress_with_feedback(kept_mem, "g", grad, fresh=not copy)
+            kept_mem.release("g", snap)
+            return out
+
+        return run
+
     numba_rows = []
     if onebit_module._numba_kernels() is not None:
-        numba_rows = [("onebit fused, numba path", _best(fused("1"), args.repeats))]
+        numba_rows = [
+            ("onebit fused, numba path", _best(fused("1"), args.repeats)),
+            ("onebit fused, numba, fresh buffer (optimizer)", _best(kept(False), args.repeats)),
+            ("onebit fused, numba, copy then in place", _best(kept(True), args.repeats)),
+        ]
     rows = [
         ("residual.add_(grad)", _best(lambda: residual.add_(grad), args.repeats)),
         ("onebit fused, torch path (GRADZIP_NUMBA=0)", _best(fused("0"), args.repeats)),

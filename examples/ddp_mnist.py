@@ -94,8 +94,9 @@ def main():
     test_loader = DataLoader(test, batch_size=1000, sampler=DistributedSampler(test, shuffle=False))
 
     model = DDP(Net())
-    model.register_comm_hook(*gradzip.ddp_comm_hook(args.compression))  # gradzip: the added line
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr * world, momentum=args.momentum)
+    # gradzip: the added line (optimizer= lets DGC check that momentum is not applied twice)
+    model.register_comm_hook(*gradzip.ddp_comm_hook(args.compression, optimizer=optimizer))
 
     step, start = 0, time.time()
     for epoch in range(args.epochs):

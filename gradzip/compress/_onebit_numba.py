@@ -74,6 +74,27 @@ def _run_add_stats(r: np.ndarray, g: np.ndarray) -> tuple[float, float, int, flo
 
 
 @_jit(fast=True)
+def _run_add_stats_to(
+    r: np.ndarray, g: np.ndarray, d: np.ndarray
+) -> tuple[float, float, int, float]:
+    """:func:`_run_add_stats` into ``d = r + g`` (``d`` another array; ``r`` is only read).
+    A kernel of its own: one that might write its input would lose the vectorised loop."""
+    pos = np.float32(0.0)
+    neg = np.float32(0.0)
+    cnt = 0
+    chk = np.float32(0.0)
+    for i in range(r.size):
+        v = r[i] + g[i]
+        d[i] = v
+        chk += v - v
+        is_neg = v < 0
+        pos += v if not is_neg else np.float32(0.0)
+        neg += v if is_neg else np.float32(0.0)
+        cnt += is_neg
+    return pos, neg, cnt, chk
+
+
+@_jit(fast=True)
 def probe(x: np.ndarray) -> float:
     """``sum(x - x)``: 0.0, or NaN when some element of ``x`` is NaN or infinite."""
     chk = np.float32(0.0)
@@ -84,17 +105,24 @@ def probe(x: np.ndarray) -> float:
 
 @_jit()
 def flat_fused(
-    res: np.ndarray, grad: np.ndarray, bucket: int, scales: np.ndarray, packed: np.ndarray
+    res: np.ndarray,
+    grad: np.ndarray,
+    out: np.ndarray,
+    bucket: int,
+    scales: np.ndarray,
+    packed: np.ndarray,
 ) -> int:
     """One error-feedback step over flat buckets, one bucket at a time (one pass over memory).
 
-    Per bucket ``k``: ``res += grad`` while summing (fp32 partial sums of :data:`_SUB`
+    Per bucket ``k``: ``out = res + grad`` while summing (fp32 partial sums of :data:`_SUB`
     elements, added in fp64); the means go to ``scales[2k], scales[2k + 1]``; then, with the
-    bucket still in cache, its sign bits go to ``packed`` and ``res -= scales[2k + bit]``.
-    Returns -1, or the first bucket whose compensated values hold NaN/Inf: buckets before it
-    are already updated, that one holds ``res + grad`` and the later ones are untouched.
+    bucket still in cache, its sign bits go to ``packed`` and ``out -= scales[2k + bit]``.
+    ``out`` may be ``res`` (in place); otherwise ``res`` is only read. Returns -1, or the
+    first bucket whose compensated values hold NaN/Inf: buckets of ``out`` before it are
+    already updated, that one holds ``res + grad`` and the later ones are untouched.
     """
     n = res.size
+    inplace = out.ctypes.data == res.ctypes.data
     mask = np.empty(min(n, bucket), dtype=np.uint8)
     for k in range((n + bucket - 1) // bucket):
         lo = k * bucket
@@ -105,7 +133,10 @@ def flat_fused(
         chk = 0.0
         for a in range(lo, hi, _SUB):
             b = min(hi, a + _SUB)
-            p, q, c, d = _run_add_stats(res[a:b], grad[a:b])
+            if inplace:
+                p, q, c, d = _run_add_stats(res[a:b], grad[a:b])
+            else:
+                p, q, c, d = _run_add_stats_to(res[a:b], grad[a:b], out[a:b])
             pos += p
             neg += q
             cnt += c
@@ -116,7 +147,7 @@ def flat_fused(
         neg_mean = np.float32(neg / max(cnt, 1))
         scales[2 * k] = pos_mean
         scales[2 * k + 1] = neg_mean
-        r = res[lo:hi]
+        r = out[lo:hi]
         for i in range(hi - lo):
             v = r[i]
             is_neg = v < 0
@@ -168,9 +199,15 @@ def _pack(mask: np.ndarray, count: int, packed: np.ndarray, at: int) -> None:
 
 @_jit()
 def column_apply(
-    res: np.ndarray, grad: np.ndarray, cols: int, scales: np.ndarray, packed: np.ndarray
+    res: np.ndarray,
+    grad: np.ndarray,
+    out: np.ndarray,
+    cols: int,
+    scales: np.ndarray,
+    packed: np.ndarray,
 ) -> None:
-    """Sign bits of ``v = res + grad`` into ``packed``; ``res = v - scales[bit, c]``.
+    """Sign bits of ``v = res + grad`` into ``packed``; ``out = v - scales[bit, c]`` (``out``
+    may be ``res``).
 
     ``scales`` is ``(2, cols)`` (row 0: non-negative means, row 1: negative means).
 
@@ -187,12 +224,13 @@ def column_apply(
         for row in range(r0, r1):
             r = res[row * cols : (row + 1) * cols]
             g = grad[row * cols : (row + 1) * cols]
+            o = out[row * cols : (row + 1) * cols]
             m = mask[(row - r0) * cols : (row - r0 + 1) * cols]
             for c in range(cols):
                 v = r[c] + g[c]
                 is_neg = v < 0
                 m[c] = is_neg
-                r[c] = v - (neg[c] if is_neg else pos[c])
+                o[c] = v - (neg[c] if is_neg else pos[c])
         _pack(mask, (r1 - r0) * cols, packed, r0 * cols // 8)
 
 
@@ -203,15 +241,23 @@ def _means(sums: np.ndarray, negs: np.ndarray, sizes: np.ndarray) -> np.ndarray:
 
 
 def sweep(
-    columns: int, bucket: int, res: np.ndarray, grad: np.ndarray, packed: np.ndarray
+    columns: int,
+    bucket: int,
+    res: np.ndarray,
+    grad: np.ndarray,
+    packed: np.ndarray,
+    out: np.ndarray | None = None,
 ) -> np.ndarray | None:
-    """One error-feedback step on the flat fp32 ``res`` (in place) and ``grad``.
+    """One error-feedback step on the flat fp32 ``res`` and ``grad``: the new residual goes to
+    ``out`` (default: ``res``, in place; another array leaves ``res`` as it was, at the same
+    memory traffic).
 
     ``columns > 0``: column groups of that width, else flat buckets of ``bucket`` elements.
     Fills ``packed`` and returns the interleaved scales, or ``None`` when some ``res + grad``
-    is NaN or infinite: ``res`` is then untouched for column groups, partly updated for flat
+    is NaN or infinite: ``out`` is then untouched for column groups, partly updated for flat
     buckets (check ``grad`` with :func:`probe` first to keep it for a NaN/Inf gradient).
     """
+    out = res if out is None else out
     n = res.size
     if columns:
         sums = np.zeros((2, columns))
@@ -219,9 +265,11 @@ def sweep(
         if column_stats(res, grad, columns, sums, negs) != 0.0:
             return None
         scales = _means(sums.T, negs, np.full(columns, n // columns))
-        column_apply(res, grad, columns, np.ascontiguousarray(scales.reshape(-1, 2).T), packed)
+        column_apply(
+            res, grad, out, columns, np.ascontiguousarray(scales.reshape(-1, 2).T), packed
+        )
         return scales
     scales = np.empty(2 * -(-n // bucket), dtype=np.float32)
-    if flat_fused(res, grad, bucket, scales, packed) >= 0:
+    if flat_fused(res, grad, out, bucket, scales, packed) >= 0:
         return None
     return scales

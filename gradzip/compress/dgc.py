@@ -138,13 +138,19 @@ class DGCMemory:
         """Call off a step after ``compensate``: ``u`` and ``v`` stay as they were."""
         self._pending.pop(key, None)
 
-    def snapshot(self, key: Key) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Keep ``u`` and ``v`` of ``key`` aside before a fused step updates them in place."""
+    def snapshot(self, key: Key, copy: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keep ``u`` and ``v`` of ``key`` aside before a fused step updates them (in place on
+        copies, with ``copy``)."""
         u, v = self.momenta.get(key), self.velocities.get(key)
         if u is None or v is None:
             return None
-        self.momenta[key], self.velocities[key] = u.clone(), v.clone()
+        if copy:
+            self.momenta[key], self.velocities[key] = u.clone(), v.clone()
         return u, v
+
+    def release(self, key: Key, snap: Any) -> None:
+        """The fused step since :meth:`snapshot` counted: nothing to keep."""
+        return None
 
     def restore(self, key: Key, snap: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         """Undo the fused step since :meth:`snapshot` returned ``snap``."""

@@ -7,7 +7,9 @@ g, decompressed)``. Afterwards ``g == decompressed + residual[key]`` holds exact
 A step can be called off after ``compensate`` (a NaN/Inf on some rank, so that every rank skips
 it; a parameter no rank used): ``discard(key)`` then leaves the memory exactly as it was before
 that ``compensate``. A fused step that updates the memory while it compresses is bracketed by
-``snap = snapshot(key)`` and, to call it off, ``restore(key, snap)``.
+``snap = snapshot(key)`` and then ``restore(key, snap)`` (called off) or ``release(key, snap)``
+(kept). ``snapshot(key, copy=False)`` is for a fused step that writes new tensors and leaves
+the old ones as they were (1-bit SGD's numba path, into ``spare_like``): no copy is made.
 """
 
 from __future__ import annotations
@@ -43,9 +45,11 @@ class Memory(Protocol):
 
     def discard(self, key: Key) -> None: ...
 
-    def snapshot(self, key: Key) -> Any: ...
+    def snapshot(self, key: Key, copy: bool = True) -> Any: ...
 
     def restore(self, key: Key, snap: Any) -> None: ...
+
+    def release(self, key: Key, snap: Any) -> None: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -69,10 +73,13 @@ class NoMemory:
     def discard(self, key: Key) -> None:
         return None
 
-    def snapshot(self, key: Key) -> None:
+    def snapshot(self, key: Key, copy: bool = True) -> None:
         return None
 
     def restore(self, key: Key, snap: Any) -> None:
+        return None
+
+    def release(self, key: Key, snap: Any) -> None:
         return None
 
     def state_dict(self) -> dict[str, Any]:
@@ -94,6 +101,7 @@ class ResidualMemory:
     def __init__(self, check: bool = True) -> None:
         self.check = check
         self.residuals: dict[Key, torch.Tensor] = {}
+        self.spare: dict[Key, torch.Tensor] = {}  # buffers for fresh fused steps (no state)
 
     def compensate(self, key: Key, grad: torch.Tensor) -> torch.Tensor:
         if self.check:
@@ -116,20 +124,41 @@ class ResidualMemory:
         """Call off a step after ``compensate`` (which stored nothing): nothing to undo."""
         return None
 
-    def snapshot(self, key: Key) -> torch.Tensor | None:
-        """Keep ``key``'s residual aside before a fused step updates it in place (the memory
-        gets a copy to update); None when there is none yet."""
+    def snapshot(self, key: Key, copy: bool = True) -> torch.Tensor | None:
+        """Keep ``key``'s residual aside before a fused step updates it (with ``copy`` the
+        memory gets a copy to update in place; without, the step must write a new tensor);
+        None when there is none yet."""
         old = self.residuals.get(key)
-        if old is not None:
+        if old is not None and copy:
             self.residuals[key] = old.clone()
         return old
 
+    def release(self, key: Key, snap: torch.Tensor | None) -> None:
+        """The fused step since :meth:`snapshot` counted: ``snap`` may be reused as the next
+        step's buffer (:meth:`spare_like`)."""
+        if snap is not None and snap is not self.residuals.get(key):
+            self.spare[key] = snap
+
+    def spare_like(self, key: Key, like: torch.Tensor) -> torch.Tensor:
+        """A buffer for ``key``'s next residual, never the current one: the one released last
+        step when it fits (no new allocation, so no page faults), else a new one."""
+        buf = self.spare.pop(key, None)
+        if (
+            buf is not None
+            and (buf.numel(), buf.dtype, buf.device) == (like.numel(), like.dtype, like.device)
+            and buf.data_ptr() != like.data_ptr()
+        ):
+            return buf.view(like.shape)
+        return torch.empty_like(like)
+
     def restore(self, key: Key, snap: torch.Tensor | None) -> None:
-        """Undo the fused step since :meth:`snapshot` returned ``snap``."""
-        if snap is None:
-            self.residuals.pop(key, None)
-        else:
+        """Undo the fused step since :meth:`snapshot` returned ``snap`` (the residual it wrote
+        becomes the spare buffer)."""
+        current = self.residuals.pop(key, None)
+        if snap is not None:
             self.residuals[key] = snap
+        if current is not None and current is not snap:
+            self.spare[key] = current
 
     def state_dict(self) -> dict[str, Any]:
         return {"residuals": {k: v.clone() for k, v in self.residuals.items()}}

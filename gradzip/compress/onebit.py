@@ -316,8 +316,20 @@ class OneBit(Compressor):
             o.addcmul_(m.neg_().add_(1), _group_view(s[0::2], block.axis))
         return out.to(ctx.dtype).view(ctx.shape)
 
+    def fresh_feedback(self, grad: torch.Tensor) -> bool:
+        """Whether :meth:`compress_with_feedback` can write the new residual into a buffer of
+        its own at no extra memory traffic (``fresh=True``), so the old one stays as it was
+        (the numba path on CPU tensors)."""
+        return grad.device.type == "cpu" and _numba_kernels() is not None
+
     def compress_with_feedback(
-        self, memory: Memory, key: str | int, grad: torch.Tensor, *, seed: int = 0
+        self,
+        memory: Memory,
+        key: str | int,
+        grad: torch.Tensor,
+        *,
+        seed: int = 0,
+        fresh: bool = False,
     ) -> tuple[Payload, DenseCtx]:
         """``memory.compensate`` + :meth:`compress` + ``memory.update`` in one sweep.
 
@@ -326,7 +338,9 @@ class OneBit(Compressor):
         + grad) - decompress(payload)`` holds exactly, as with the unfused steps. A NaN/Inf
         gradient raises a CompressionError naming ``key`` and leaves the residual unchanged.
         For fp16/bf16 gradients ``decompress`` returns the gradient's dtype; the residual is
-        taken against the fp32 decoded values, as in the unfused steps.
+        taken against the fp32 decoded values, as in the unfused steps. ``fresh``: the new
+        residual goes into another buffer (``memory.spare_like``) and the old tensor is left
+        as it was, so a caller holding it can put it back (a step called off on every rank).
         """
         if not isinstance(memory, ResidualMemory) or not self.error_feedback:
             compensated = memory.compensate(key, grad)
@@ -336,7 +350,7 @@ class OneBit(Compressor):
         check_dtype(grad, f"gradient {key!r}")
         kernels = _numba_kernels() if grad.device.type == "cpu" else None
         if kernels is not None:
-            return self._feedback_numba(kernels, memory, key, grad)
+            return self._feedback_numba(kernels, memory, key, grad, fresh)
         flat = grad.detach().reshape(-1)
         if memory.check and not bool(torch.isfinite(flat.sum())):
             check_finite(key, flat)  # raises unless the sum merely overflowed
@@ -347,6 +361,8 @@ class OneBit(Compressor):
             values, added = flat.to(torch.float32, copy=True), None
         else:
             values, added = residual.contiguous().view(-1), flat
+            if fresh:  # the sweep works in place: on a copy, the old residual stays
+                values = values.clone()
         packed = torch.zeros(packed_size(flat.numel(), 1), dtype=torch.uint8, device=flat.device)
         scales = _sweep(self._blocks(grad.shape), values, added, packed, update=True)
         if not bool(torch.isfinite(scales).all()):
@@ -359,7 +375,12 @@ class OneBit(Compressor):
         return Payload((packed, scales)), DenseCtx(grad.shape, grad.dtype)
 
     def _feedback_numba(
-        self, kernels: ModuleType, memory: ResidualMemory, key: str | int, grad: torch.Tensor
+        self,
+        kernels: ModuleType,
+        memory: ResidualMemory,
+        key: str | int,
+        grad: torch.Tensor,
+        fresh: bool = False,
     ) -> tuple[Payload, DenseCtx]:
         """:meth:`compress_with_feedback` through the numba kernels (CPU tensors)."""
         flat = grad.detach().reshape(-1).to(torch.float32)
@@ -370,15 +391,22 @@ class OneBit(Compressor):
             check_finite(key, flat)  # raises, naming the key; the residual is left as it was
         if residual is None:
             values = torch.full_like(flat, -0.0)  # -0.0 + g == g bit for bit, even for g = -0.0
+            target = values
         else:
             values = residual.to(torch.float32).contiguous().view(-1)
+            target = memory.spare_like(key, values) if fresh else values
         packed = torch.empty(packed_size(flat.numel(), 1), dtype=torch.uint8)  # all written
         blocks = self._blocks(grad.shape)
         columns = blocks[0].width if blocks and blocks[0].axis == 0 else 0
         scales = torch.empty(0, dtype=torch.float32)
         if blocks:
             out = kernels.sweep(
-                columns, self.bucket_size, values.numpy(), flat.numpy(), packed.numpy()
+                columns,
+                self.bucket_size,
+                values.numpy(),
+                flat.numpy(),
+                packed.numpy(),
+                target.numpy(),
             )
             if out is None:  # residual + grad overflows (or the check is off): reset
                 memory.residuals.pop(key, None)
@@ -387,5 +415,5 @@ class OneBit(Compressor):
                     "or Inf; its error-feedback residual was reset"
                 )
             scales = torch.from_numpy(out)
-        memory.residuals[key] = values.view(grad.shape)
+        memory.residuals[key] = target.view(grad.shape)
         return Payload((packed, scales)), DenseCtx(grad.shape, grad.dtype)

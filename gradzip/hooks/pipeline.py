@@ -283,11 +283,12 @@ class GradPipeline:
             # memory before it is kept aside until every rank's step is known to count.
             seed = derive_seed(self.seed, self.step, s.name, self.backend.rank)
             if kernels.has_feedback_step(stream.compressor, grad):
-                snap = s.memory.snapshot(s.name)
+                fresh = kernels.fresh_feedback(stream.compressor, grad)  # no copy needed
+                snap = s.memory.snapshot(s.name, copy=not fresh)
                 self.snapshots[i] = snap
                 try:
                     fused = kernels.feedback_step(
-                        stream.compressor, s.memory, s.name, grad, seed=seed
+                        stream.compressor, s.memory, s.name, grad, seed=seed, fresh=fresh
                     )
                 except BaseException:
                     s.memory.restore(s.name, snap)
@@ -359,6 +360,9 @@ class GradPipeline:
                 else:
                     self._write(i, entry, red, feedback=not done.dense)
                     done.strategy.settle(entry.key, keep=True)
+                    if i in self.snapshots:  # the fused step counted
+                        s = self.slots[i]
+                        s.memory.release(s.name, self.snapshots.pop(i))
         self.step += 1
         self._reset_after_step()
 

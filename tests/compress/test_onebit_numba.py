@@ -106,3 +106,35 @@ def test_unchecked_nan_in_a_late_bucket_resets_the_residual(
     grad = torch.randn(1000)
     payload, ctx = comp.compress_with_feedback(mem, "w", grad)
     assert torch.equal(mem.residuals["w"], grad - comp.decompress(payload, ctx))
+
+
+@pytest.mark.parametrize("numba", [True, False])
+@pytest.mark.parametrize("shape, options", [((2**14 + 7,), {}), ((300, 33), {"min_rows": 8})])
+def test_fresh_step_leaves_the_old_residual_and_reuses_the_released_one(
+    numba: bool, shape: tuple[int, ...], options: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fresh=True`` (what the optimizer runs, so that a step every rank skips can be undone)
+    gives the in-place step's payload and residual, writes them elsewhere (the numba path, at
+    no extra traffic: into the buffer released the step before), and leaves the old tensor."""
+    monkeypatch.setenv("GRADZIP_NUMBA", "1" if numba else "0")
+    comp = OneBit(**options)
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(shape, generator=gen) for _ in range(4)]
+    inplace, fresh = ResidualMemory(), ResidualMemory()
+    released = -1
+    for step, g in enumerate(grads):
+        want, _ = comp.compress_with_feedback(inplace, "w", g)
+        old = fresh.snapshot("w", copy=not comp.fresh_feedback(g))
+        kept = None if old is None else old.clone()
+        got, _ = comp.compress_with_feedback(fresh, "w", g, fresh=comp.fresh_feedback(g))
+        assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+        assert torch.equal(inplace.residuals["w"], fresh.residuals["w"])
+        if old is not None:
+            assert torch.equal(old, kept)  # untouched
+            assert old.data_ptr() != fresh.residuals["w"].data_ptr()
+            if numba and step >= 2:  # the buffer released one step before is reused
+                assert fresh.residuals["w"].data_ptr() == released
+        if old is not None:
+            released = old.data_ptr()
+        fresh.release("w", old)
+    assert comp.fresh_feedback(grads[0]) is numba

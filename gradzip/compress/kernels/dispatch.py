@@ -40,6 +40,7 @@ __all__ = [
     "decompress",
     "decompress_sum",
     "feedback_step",
+    "fresh_feedback",
     "has_feedback_step",
     "kernel_compress",
     "kernel_decompress",
@@ -233,17 +234,42 @@ def has_feedback_step(comp: Compressor, grad: torch.Tensor) -> bool:
     return getattr(comp, "compress_with_feedback", None) is not None
 
 
+def fresh_feedback(comp: Compressor, grad: torch.Tensor) -> bool:
+    """Whether :func:`feedback_step` with ``fresh=True`` writes new state tensors and leaves
+    the old ones as they were at no extra traffic (1-bit SGD's numba path); elsewhere a caller
+    that must be able to undo the step copies the state first (``memory.snapshot``)."""
+    if use_kernel(comp, grad):
+        return False
+    method = getattr(comp, "fresh_feedback", None)
+    return bool(method is not None and method(grad))
+
+
 def feedback_step(
-    comp: Compressor, memory: Any, key: str | int, grad: torch.Tensor, *, seed: int = 0
+    comp: Compressor,
+    memory: Any,
+    key: str | int,
+    grad: torch.Tensor,
+    *,
+    seed: int = 0,
+    fresh: bool = False,
 ) -> tuple[Payload, Any] | None:
     """``memory.compensate`` + compress + ``memory.update`` as one fused step, where the method
-    has one: 1-bit SGD (kernel on CUDA, chunked torch sweep elsewhere) and DGC (kernel on
-    CUDA). Returns None when there is none; the caller then runs the three steps itself."""
+    has one: 1-bit SGD (kernel on CUDA, numba or a chunked torch sweep elsewhere) and DGC
+    (kernel on CUDA). Returns None when there is none; the caller then runs the three steps
+    itself. ``fresh`` (only where :func:`fresh_feedback` says so): the new residual goes into a
+    buffer of its own."""
+    if fresh:
+        if not fresh_feedback(comp, grad):
+            raise CompressionError(f"{comp.spec()}: no fresh fused step for this tensor")
+        result: tuple[Payload, Any] = comp.compress_with_feedback(  # type: ignore[attr-defined]
+            memory, key, grad, seed=seed, fresh=True
+        )
+        return result
     if use_kernel(comp, grad):
         module = kernel_module(comp.name)
         fused = getattr(module, "compress_with_feedback", None) or getattr(module, "step", None)
         if fused is not None:
-            result: tuple[Payload, Any] = fused(comp, memory, key, grad, seed=seed)
-            return result
+            out: tuple[Payload, Any] = fused(comp, memory, key, grad, seed=seed)
+            return out
     method = getattr(comp, "compress_with_feedback", None)
     return None if method is None else method(memory, key, grad, seed=seed)
