@@ -197,3 +197,19 @@ def test_none_with_gradscaler_equals_plain_ddp(runs: list[dict[str, Any]], where
         assert none["scales"] == plain["scales"] and none["skipped"] == plain["skipped"]
         for a, b in zip(none["params"], plain["params"], strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_is_finite_sees_every_nan_and_inf_and_no_overflow() -> None:
+    from gradzip.hooks.pipeline import is_finite
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        t = torch.ones(1000, dtype=dtype)
+        assert is_finite(t) and is_finite(torch.empty(0, dtype=dtype))
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            u = t.clone()
+            u[637] = bad
+            assert not is_finite(u), (dtype, bad)
+        huge = torch.full((1000,), torch.finfo(dtype).max, dtype=dtype)  # the sum overflows
+        assert is_finite(huge), dtype
+        both = torch.tensor([float("inf"), -float("inf")], dtype=dtype)  # the sum is NaN
+        assert not is_finite(both)
