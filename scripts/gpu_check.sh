@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything GPU-side in one device call (under 8 minutes on an H100/H200; each part is bounded
+# Everything GPU-side in one device call (at most 7.5 minutes: each part is bounded
 # by its own timeout), every figure written under OUTDIR, a summary table at the end:
 #   1. the users' path (benchmarks/train_check.py): the optimizer and the DDP hook with every
 #      compressor on CUDA tensors over a 1-rank NCCL group (bit for bit against a LocalBackend)
@@ -23,11 +23,11 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv | tee "$ou
 $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     | tee -a "$out/gpu.txt"
 
-timeout 180 $py -m benchmarks.train_check --device cuda --out "$out" 2>&1 | tee "$out/train.log"
+timeout 150 $py -m benchmarks.train_check --device cuda --out "$out" 2>&1 | tee "$out/train.log"
 train=${PIPESTATUS[0]}
 
 if $py -c "import pytest" 2>/dev/null; then
-    timeout 60 $py -m pytest -q -p no:cacheprovider tests/allreduce/test_sparse.py -k rank_order \
+    timeout 45 $py -m pytest -q -p no:cacheprovider tests/allreduce/test_sparse.py -k rank_order \
         2>&1 | tee "$out/sparse.log"
     sparse=${PIPESTATUS[0]}
 else
@@ -35,10 +35,10 @@ else
     sparse=skipped
 fi
 
-timeout 120 $py -m benchmarks.kernels_check --device cuda 2>&1 | tee "$out/check.log"
+timeout 100 $py -m benchmarks.kernels_check --device cuda 2>&1 | tee "$out/check.log"
 check=${PIPESTATUS[0]}
 
-timeout 180 $py -m benchmarks.kernels --device cuda --max-log2 26 --repeat 10 \
+timeout 150 $py -m benchmarks.kernels --device cuda --max-log2 26 --repeat 10 \
     --out "$out/kernels_gpu" 2>&1 | tee "$out/kernels.log"
 bench=${PIPESTATUS[0]}
 
