@@ -1,7 +1,10 @@
 """Half-precision casts (fp16, bf16): 2x smaller payloads that still add elementwise.
 
-fp16 overflows past 65504 (values beyond become Inf and are caught by the NaN/Inf check of
-the receiving side); bf16 keeps fp32's range.
+fp16 overflows past 65504: a value beyond becomes Inf in the cast. To keep in-range values in
+range, an average divides by the world size before the sum (``AllreduceStrategy``, as DDP and
+torch's fp16 hook do), so ranks at 40000 average to 40000, not Inf. An Inf or NaN, from the
+cast or in the gradient, is carried to every rank as it is (the sum of an Inf is an Inf), so
+GradScaler skips the step everywhere. bf16 keeps fp32's range with 8 bits of mantissa.
 """
 
 from __future__ import annotations
