@@ -172,9 +172,13 @@ def _first_difference(mine: dict[str, Any], other: dict[str, Any], rank: int, pe
     """A sentence naming the first key where two bucket descriptions differ, with both values."""
     if mine["config"] != other["config"]:
         key = mine["items"][0][0] if mine["items"] else "(empty bucket)"
+        ours, theirs = mine["config"].split(), other["config"].split()
+        diff = next(
+            (f" ({a!r} against {b!r})" for a, b in zip(ours, theirs, strict=False) if a != b), ""
+        )
         return (
             f"bucket starting at key {key!r}: rank {rank} uses {mine['config']!r} but "
-            f"rank {peer} uses {other['config']!r}"
+            f"rank {peer} uses {other['config']!r}{diff}"
         )
     for pos, (a, b) in enumerate(zip(mine["items"], other["items"], strict=False)):
         if a != b:

@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 
 from gradzip.allreduce.backend import Backend, ReduceOp, Work, control, wire_bytes
+from gradzip.allreduce.fusion import check_consistent
 from gradzip.allreduce.strategies import Entry, Reduced, strategy_for
 from gradzip.compress.base import CompressionError, Compressor, Reduction, compressor
 from gradzip.compress.dgc import DGC, check_optimizer
@@ -153,6 +154,7 @@ class DDPHookState:
         self._pending: list[_InFlight] = []
         self._settle: list[tuple[_InFlight, Reduced]] = []  # done buckets of this step
         self._skipped = False  # a bucket of this step held a NaN/Inf on some rank
+        self._checked = False  # the settings were compared across ranks (once per process)
         self._backend: Backend | None = backend
         self._counted = (0, 0)  # backend byte counters already added to the statistics
         # statistics
@@ -198,6 +200,8 @@ class DDPHookState:
         if self.counters["buckets"] == 0:
             self._fit_world(self.backend.size)
         try:
+            if not self._checked:
+                self._check_ranks_agree(index, buffer)
             if self.memory.track(index, bucket.parameters(), buffer.numel()):
                 if self.strategy.state_dict().get("server"):
                     self.memory.resets += 1
@@ -227,6 +231,25 @@ class DDPHookState:
         if bucket.is_last() or not self.overlap:
             self._complete(last=bucket.is_last())
         return future
+
+    def _check_ranks_agree(self, index: int, buffer: torch.Tensor) -> None:
+        """Compare the hook's settings (and the first bucket) across ranks once per process,
+        before anything moves: ranks that disagree fail at once, naming both values, instead
+        of hanging in or mixing up a later collective."""
+        config = " ".join(
+            f"{k}={v}"
+            for k, v in (
+                ("compression", self.compression.spec()),
+                ("gather", self.gather),
+                ("sparse", self.sparse),
+                ("dense_steps", self.dense_steps),
+                ("nonfinite", self.nonfinite),
+                ("overlap", self.overlap),
+            )
+        )
+        items = [(index, buffer.numel(), str(buffer.dtype))]
+        check_consistent(self.backend, items, f"DDP-hook {config}")
+        self._checked = True
 
     def _fit_world(self, size: int) -> None:
         """DGC scales its clipping threshold by the world size: fill in the default of 1."""
@@ -335,7 +358,7 @@ class DDPHookState:
         self.strategy = self._new_strategy()
         self.strategy.load_state_dict(strategy)
         self._pending, self._backend, self._counted = [], None, (0, 0)
-        self._settle, self._skipped = [], False
+        self._settle, self._skipped, self._checked = [], False, False
         self._dense = strategy_for(DENSE, verify=self.verify)
 
 

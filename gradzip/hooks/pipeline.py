@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from gradzip.allreduce.backend import Backend, ReduceOp, Work, control
-from gradzip.allreduce.fusion import plan_buckets
+from gradzip.allreduce.fusion import check_consistent, plan_buckets
 from gradzip.allreduce.strategies import Entry, Reduced, Strategy, strategy_for
 from gradzip.compress import kernels
 from gradzip.compress.base import CompressionError, Compressor, Reduction, derive_seed
@@ -139,6 +139,17 @@ class GradPipeline:
         self.fusion_bytes = fusion_bytes
         self.seed = seed
         self.passes_per_step = passes_per_step
+        # what every rank must agree on, besides each parameter's name, size, dtype and
+        # compressor: compared once, before the first bucket moves (see plan())
+        self.settings = {
+            "fusion_bytes": fusion_bytes,
+            "backward_passes_per_step": passes_per_step,
+            "dense_steps": dense_steps,
+            "nonfinite": nonfinite,
+            "op": "average" if average else "sum",
+            "gather": gather,
+            "sparse": sparse,
+        }
         self.step = 0  # synchronizations done (part of every stochastic compressor's seed)
         self.epoch: float | None = None
         self.streams: list[Stream] = []
@@ -205,7 +216,20 @@ class GradPipeline:
             for i in group:
                 self.slots[i].stream, self.slots[i].bucket = k, b
         self.pending = [len(b) for b in self.buckets]
+        self._check_ranks_agree()
         return self.buckets
+
+    def _check_ranks_agree(self) -> None:
+        """One fingerprint of the whole plan, compared across ranks before anything moves: a
+        rank with another compressor, parameter set, dtype, fusion size, backward passes per
+        step, dense steps or strategy fails on every rank here, with both values, instead of
+        hanging in (or mixing up) a later collective."""
+        items = [
+            (s.name, s.param.numel(), f"{s.param.dtype} {s.compressor.spec()}")
+            for s in self.slots
+        ]
+        config = " ".join(f"{k}={v}" for k, v in self.settings.items())
+        check_consistent(self.backend, items, f"DistributedOptimizer {config}")
 
     def _reset(self) -> None:
         assert self.buckets is not None
