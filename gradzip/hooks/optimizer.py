@@ -127,23 +127,29 @@ class _DistributedMixin:
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore both; without a ``"gradzip"`` entry the compression state is kept."""
+        """Restore both; without a ``"gradzip"`` entry the compression state is kept.
+
+        The compression state is per rank: one saved by another rank, in another world size,
+        or with other compressors or parameters raises a ValueError before anything is loaded
+        (never a silent re-cut of residuals). To start a new world size from an old
+        checkpoint, drop its ``"gradzip"`` entry: the optimizer's own state loads, and error
+        feedback starts from zero."""
         state = dict(state_dict)
         mine = state.pop("gradzip", None)
+        if mine is not None:
+            here = (self._gz.backend.rank, self._gz.backend.size)
+            if (mine["rank"], mine["world_size"]) != here:
+                raise ValueError(
+                    f"the checkpoint's compression state belongs to rank {mine['rank']} of "
+                    f"{mine['world_size']}, this is rank {here[0]} of {here[1]}: error-feedback "
+                    "residuals are per rank, so nothing was loaded. Load each rank's own "
+                    "checkpoint (save state_dict() on every rank), or drop the 'gradzip' entry "
+                    "to load the optimizer's state alone and restart error feedback from zero"
+                )
+            self._gz.check_state(mine)
         super().load_state_dict(state)  # type: ignore[misc]
-        if mine is None:
-            return
-        here = (self._gz.backend.rank, self._gz.backend.size)
-        if (mine["rank"], mine["world_size"]) != here:
-            warnings.warn(
-                f"the checkpoint's compression state belongs to rank {mine['rank']} of "
-                f"{mine['world_size']}, this is rank {here[0]} of {here[1]}: error-feedback "
-                "residuals are per rank, so they were not loaded (save state_dict() on every "
-                "rank to resume exactly)",
-                stacklevel=2,
-            )
-            return
-        self._gz.load_state_dict(mine)
+        if mine is not None:
+            self._gz.load_state_dict(mine)
 
     def remove_hooks(self) -> None:
         """Detach every hook this wrapper installed (the optimizer stops communicating)."""

@@ -463,7 +463,8 @@ class GradPipeline:
             ],
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Raise a ValueError, naming what differs, unless ``state`` fits this optimizer."""
         specs = [st.base.spec() for st in self.streams]
         saved = [x["spec"] for x in state["strategies"]]
         if saved != specs:
@@ -475,6 +476,9 @@ class GradPipeline:
         if set(state["memories"]) != names:
             diff = sorted(set(state["memories"]) ^ names)
             raise ValueError(f"the checkpoint's parameters differ from this optimizer's: {diff}")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state(state)
         for s in self.slots:
             s.memory.load_state_dict(state["memories"][s.name])
         for st, x in zip(self.streams, state["strategies"], strict=True):

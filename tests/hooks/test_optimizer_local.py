@@ -117,3 +117,39 @@ def test_state_dict_round_trip_restores_residuals_and_step() -> None:
     wrong = _wrap(_model(), compression="fp16")
     with pytest.raises(ValueError, match="same compression= argument"):
         wrong.load_state_dict(state)
+
+
+def test_a_checkpoint_of_another_rank_world_or_compressor_is_refused_whole() -> None:
+    """Nothing is loaded (the optimizer's own state neither), and the message says what to do."""
+    def build(spec: str) -> tuple[torch.nn.Module, Any]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(40, 40)
+        opt = gradzip.DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+            model.named_parameters(), compression=spec, backend=LocalBackend(),
+            min_compress_numel=0,
+        )  # fmt: skip
+        for _ in range(2):
+            opt.zero_grad()
+            model(torch.randn(4, 40)).square().mean().backward()
+            opt.step()
+        return model, opt
+
+    _, saved = build("onebit")
+    state = saved.state_dict()
+    other_world = {**state, "gradzip": {**state["gradzip"], "world_size": 4, "rank": 2}}
+    _, fresh = build("onebit")
+    before = fresh.state_dict()
+    with pytest.raises(ValueError, match="rank 2 of 4, this is rank 0 of 1"):
+        fresh.load_state_dict(other_world)
+    _, topk = build("topk")
+    with pytest.raises(ValueError, match="compressors"):
+        topk.load_state_dict(state)
+    after = fresh.state_dict()
+    for k, v in before["state"].items():  # nothing loaded: momenta and residuals as they were
+        assert torch.equal(after["state"][k]["momentum_buffer"], v["momentum_buffer"])
+    for name, mem in before["gradzip"]["memories"].items():
+        for key, r in mem["residuals"].items():
+            assert torch.equal(after["gradzip"]["memories"][name]["residuals"][key], r)
+    assert after["gradzip"]["step"] == before["gradzip"]["step"]
+    fresh.load_state_dict({k: v for k, v in other_world.items() if k != "gradzip"})  # allowed
