@@ -1,5 +1,6 @@
 """gradzip: compressed gradient communication for data-parallel PyTorch training."""
 
+from gradzip.allreduce.backend import PeerLost
 from gradzip.compress import (
     CompressionError,
     Compressor,
@@ -23,6 +24,7 @@ __all__ = [
     "DistributedOptimizer",
     "Op",
     "Payload",
+    "PeerLost",
     "Reduction",
     "Sum",
     "available",

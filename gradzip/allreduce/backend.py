@@ -32,6 +32,7 @@ __all__ = [
     "KindStats",
     "LocalBackend",
     "MappedWork",
+    "PeerLost",
     "ReduceOp",
     "Work",
     "check_device",
@@ -46,6 +47,21 @@ __all__ = [
 T = TypeVar("T")
 U = TypeVar("U")
 T_co = TypeVar("T_co", covariant=True)
+
+
+class PeerLost(RuntimeError):
+    """A collective failed because a peer is gone: it crashed or was killed (the engine saw
+    its connection close), or it did not join within the backend's timeout. The message
+    names the collective (and, from the optimizer or the DDP hook, the bucket)."""
+
+
+def peer_lost(what: str, rank: int, size: int, timeout: float, exc: BaseException) -> PeerLost:
+    """The :class:`PeerLost` for collective ``what`` that failed on ``rank`` with ``exc``."""
+    return PeerLost(
+        f"{what} failed on rank {rank} of {size}: a peer is gone (it crashed or was killed, "
+        f"or it did not join within the timeout of {timeout:g} s); the engine said: "
+        f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    )
 
 
 class ReduceOp(enum.Enum):

@@ -23,6 +23,7 @@ import torch
 
 from gradzip.allreduce.backend import (
     CommStats,
+    PeerLost,
     ReduceOp,
     Work,
     check_device,
@@ -99,8 +100,13 @@ class HorovodWork(Generic[T]):
                 pause = min(2 * pause, 2e-3)
             try:
                 results = [self._hvd.synchronize(h) for h in self._handles]
-            except RuntimeError as e:  # HorovodInternalError: add which collective it was
-                raise type(e)(f"Horovod {self._what} failed: {e}") from e
+            except RuntimeError as e:  # HorovodInternalError: a peer is gone, or a mismatch
+                if "mismatch" in str(e).lower() or "shape" in str(e).lower():
+                    raise type(e)(f"Horovod {self._what} failed: {e}") from e
+                raise PeerLost(
+                    f"Horovod {self._what} failed: a peer is gone (it crashed or was killed, or "
+                    f"it did not join within {self._timeout:g} s); Horovod said: {e}"
+                ) from e
             self._value = self._finish(results)
             self._done = True
         return self._value  # type: ignore[return-value]

@@ -22,7 +22,7 @@ engine, where NCCL would fail obscurely and gloo would move it silently.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -31,11 +31,13 @@ import torch.distributed as dist
 from gradzip.allreduce.backend import (
     CommStats,
     MappedWork,
+    PeerLost,
     ReduceOp,
     Work,
     check_device,
     check_flat,
     nbytes,
+    peer_lost,
     wire_bytes,
 )
 
@@ -52,15 +54,20 @@ _OPS = {
 
 
 class _TorchWork:
-    """A torch.distributed Work that returns ``result`` when done."""
+    """A torch.distributed Work that returns ``result`` when done; an engine error while
+    waiting becomes a :class:`PeerLost` naming ``what``."""
 
-    def __init__(self, work: Any, result: Any) -> None:
+    def __init__(self, work: Any, result: Any, lost: Callable[[BaseException], PeerLost]) -> None:
         self._work = work
         self._result = result
+        self._lost = lost
 
     def wait(self) -> Any:
         if self._work is not None:
-            self._work.wait()
+            try:
+                self._work.wait()
+            except RuntimeError as e:  # DistBackendError, gloo's "Connection closed by peer"
+                raise self._lost(e) from e
             self._work = None
         return self._result
 
@@ -112,6 +119,17 @@ class TorchDistBackend:
     def stats(self) -> CommStats:
         return self._stats
 
+    def _lost(self, what: str) -> Callable[[BaseException], PeerLost]:
+        seconds = self.timeout.total_seconds()
+        return lambda e: peer_lost(what, self._rank, self._size, seconds, e)
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        """``fn(*args, **kw)`` (a torch.distributed call); an engine error becomes PeerLost."""
+        try:
+            return fn(*args, **kw)
+        except RuntimeError as e:
+            raise self._lost(what)(e) from e
+
     def _record(self, kind: str, nbytes_in: int, *, sent: int | None = None) -> None:
         if sent is None:
             sent = wire_bytes(kind, nbytes_in, self._size)
@@ -123,15 +141,18 @@ class TorchDistBackend:
         if not tensor.is_contiguous():
             tensor = tensor.contiguous()
         self._record("allreduce", nbytes(tensor))
-        work = dist.all_reduce(tensor, op=_OPS[ReduceOp(op)], group=self.group, async_op=True)
-        return _TorchWork(work, tensor)
+        what = f"allreduce of {nbytes(tensor)} bytes"
+        work = self._call(
+            what, dist.all_reduce, tensor, op=_OPS[ReduceOp(op)], group=self.group, async_op=True
+        )
+        return _TorchWork(work, tensor, self._lost(what))
 
     def _exchange_sizes(self, n: int) -> list[int]:
         """Every rank's ``n`` (a blocking allgather of one int64 each)."""
         mine = torch.tensor([n], dtype=torch.int64, device=self._device)
         out = [torch.empty_like(mine) for _ in range(self._size)]
         self._record("allgather", nbytes(mine))
-        dist.all_gather(out, mine, group=self.group)
+        self._call("allgather of the sizes", dist.all_gather, out, mine, group=self.group)
         return [int(t.item()) for t in out]
 
     def allgather(self, tensor: torch.Tensor) -> Work[list[torch.Tensor]]:
@@ -146,9 +167,11 @@ class TorchDistBackend:
             padded = torch.cat([padded, pad])
         out = [torch.empty_like(padded) for _ in range(self._size)]
         self._record("allgather", nbytes(padded))
-        work = dist.all_gather(out, padded, group=self.group, async_op=True)
+        what = f"allgather of {nbytes(padded)} bytes"
+        work = self._call(what, dist.all_gather, out, padded, group=self.group, async_op=True)
         return MappedWork(
-            _TorchWork(work, out), lambda parts: [p[:s] for p, s in zip(parts, sizes, strict=True)]
+            _TorchWork(work, out, self._lost(what)),
+            lambda parts: [p[:s] for p, s in zip(parts, sizes, strict=True)],
         )
 
     def alltoall(self, tensors: Sequence[torch.Tensor]) -> Work[list[torch.Tensor]]:
@@ -169,13 +192,16 @@ class TorchDistBackend:
         mine = torch.tensor(send_sizes, dtype=torch.int64, device=self._device)
         theirs = torch.empty_like(mine)
         self._record("alltoall", nbytes(mine), sent=nbytes(mine) * (self._size - 1) // self._size)
-        dist.all_to_all_single(theirs, mine, group=self.group)
+        self._call("alltoall of the sizes", dist.all_to_all_single, theirs, mine, group=self.group)
         recv_sizes = [int(v) for v in theirs.tolist()]
         send = torch.cat([t.contiguous() for t in tensors])
         recv = torch.empty(sum(recv_sizes), dtype=send.dtype, device=send.device)
         to_others = nbytes(send) - nbytes(tensors[self._rank])
         self._record("alltoall", nbytes(send), sent=to_others)
-        work = dist.all_to_all_single(
+        what = f"alltoall of {nbytes(send)} bytes"
+        work = self._call(
+            what,
+            dist.all_to_all_single,
             recv,
             send,
             output_split_sizes=recv_sizes,
@@ -183,7 +209,9 @@ class TorchDistBackend:
             group=self.group,
             async_op=True,
         )
-        return MappedWork(_TorchWork(work, recv), lambda buf: list(buf.split(recv_sizes)))
+        return MappedWork(
+            _TorchWork(work, recv, self._lost(what)), lambda buf: list(buf.split(recv_sizes))
+        )
 
     def broadcast(self, tensor: torch.Tensor, root: int = 0) -> Work[torch.Tensor]:
         """``root``'s tensor on every rank (in place on a contiguous tensor)."""
@@ -194,5 +222,6 @@ class TorchDistBackend:
             tensor = tensor.contiguous()
         src = dist.get_global_rank(self.group, root)
         self._record("broadcast", nbytes(tensor), sent=nbytes(tensor) if root == self._rank else 0)
-        work = dist.broadcast(tensor, src=src, group=self.group, async_op=True)
-        return _TorchWork(work, tensor)
+        what = f"broadcast of {nbytes(tensor)} bytes from rank {root}"
+        work = self._call(what, dist.broadcast, tensor, src=src, group=self.group, async_op=True)
+        return _TorchWork(work, tensor, self._lost(what))

@@ -51,7 +51,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from gradzip.allreduce.backend import Backend, ReduceOp, Work, control, wire_bytes
+from gradzip.allreduce.backend import Backend, PeerLost, ReduceOp, Work, control, wire_bytes
 from gradzip.allreduce.fusion import check_consistent
 from gradzip.allreduce.strategies import Entry, Reduced, strategy_for
 from gradzip.compress.base import CompressionError, Compressor, Reduction, compressor
@@ -217,6 +217,10 @@ class DDPHookState:
                 compensated = self.memory.memory.compensate(index, grad)
             entry = Entry(index, compensated)
             work = strategy.start(self.backend, comp, [entry], seed=self.seed, step=self.step)
+        except (PeerLost, TimeoutError) as exc:
+            lost = PeerLost(f"sending DDP bucket {index} at step {self.step}: {exc}")
+            self._fail(lost)
+            raise lost from exc
         except BaseException as exc:
             self._fail(exc)
             raise
@@ -283,6 +287,11 @@ class DDPHookState:
             while self._pending:
                 job = self._pending.pop(0)
                 job.future.set_result(job.buffer)
+        except (PeerLost, TimeoutError) as exc:
+            keys = [j.key for j in self._pending]
+            lost = PeerLost(f"receiving DDP buckets {keys} at step {self.step}: {exc}")
+            self._fail(lost)
+            raise lost from exc
         except BaseException as exc:
             self._fail(exc)
             raise

@@ -34,12 +34,14 @@ then sees what every rank sees.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from gradzip.allreduce.backend import Backend, ReduceOp, Work, control
+from gradzip.allreduce.backend import Backend, PeerLost, ReduceOp, Work, control
 from gradzip.allreduce.fusion import check_consistent, plan_buckets
 from gradzip.allreduce.strategies import Entry, Reduced, Strategy, strategy_for
 from gradzip.compress import kernels
@@ -229,7 +231,8 @@ class GradPipeline:
             for s in self.slots
         ]
         config = " ".join(f"{k}={v}" for k, v in self.settings.items())
-        check_consistent(self.backend, items, f"DistributedOptimizer {config}")
+        with self._naming("comparing the optimizer's plan across ranks"):
+            check_consistent(self.backend, items, f"DistributedOptimizer {config}")
 
     def _reset(self) -> None:
         assert self.buckets is not None
@@ -333,15 +336,31 @@ class GradPipeline:
             return Entry(s.name, grad.to(torch.float32))
         return Entry(s.name, s.memory.compensate(s.name, grad))
 
+    def _bucket(self, b: int) -> str:
+        """Bucket ``b`` in words, for messages."""
+        assert self.buckets is not None
+        names = [self.slots[i].name for i in self.buckets[b]]
+        shown = ", ".join(names[:4]) + (f", ... ({len(names)} tensors)" if len(names) > 4 else "")
+        return f"bucket {b} of {len(self.buckets)} [{shown}] at step {self.step}"
+
+    @contextlib.contextmanager
+    def _naming(self, what: str) -> Iterator[None]:
+        """A peer lost in ``what`` raises a PeerLost that says where (collective, bucket)."""
+        try:
+            yield
+        except (PeerLost, TimeoutError) as e:
+            raise PeerLost(f"{what}: {e}") from e
+
     def _launch(self, b: int) -> None:
         assert self.buckets is not None
         group = self.buckets[b]
         dense = self.dense
         stream = self.streams[self.dense_stream if dense else self.slots[group[0]].stream]
         entries = [self._entry(i) for i in group]
-        work = stream.strategy.start(
-            self.backend, stream.compressor, entries, seed=self.seed, step=self.step
-        )
+        with self._naming(f"sending {self._bucket(b)} ({stream.strategy.name})"):
+            work = stream.strategy.start(
+                self.backend, stream.compressor, entries, seed=self.seed, step=self.step
+            )
         passthrough = dense or passes_nonfinite(stream.compressor)
         self.launched.append(_Launched(group, entries, work, stream.strategy, dense, passthrough))
 
@@ -361,10 +380,14 @@ class GradPipeline:
         me = self.backend.rank + 1
         flags = [int(s.passes > 0) for s in self.slots]
         flags += [me if b in self.bad else 0 for b in range(len(buckets))]
-        agreed = self.backend.allreduce(control(self.backend, flags, torch.int32), ReduceOp.MAX)
-        got = agreed.wait().tolist()
+        with self._naming(f"the flags of step {self.step} (which parameters, which NaN/Inf)"):
+            flag_tensor = control(self.backend, flags, torch.int32)
+            got = self.backend.allreduce(flag_tensor, ReduceOp.MAX).wait().tolist()
         used, bad = got[:n], got[n:]
-        results = [done.work.wait() for done in self.launched]
+        results = []
+        for b, done in enumerate(self.launched):
+            with self._naming(f"receiving {self._bucket(b)} ({done.strategy.name})"):
+                results.append(done.work.wait())
         if self.nonfinite == "raise" and any(bad):
             for done in self.launched:
                 for i in done.slots:

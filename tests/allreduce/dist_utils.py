@@ -18,7 +18,7 @@ import os
 import pickle
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 __all__ = ["RankError", "run_ranks"]
@@ -80,11 +80,14 @@ def run_ranks(
     timeout_s: float = 60.0,
     pg_timeout_s: float = 30.0,
     expect_errors: bool = False,
+    dead: Collection[int] = (),
 ) -> list[Any]:
     """``[fn(backend_r, *args) for r in range(size)]``, each on its own gloo rank.
 
     ``fn`` must be a module-level function (or picklable by reference); ``pg_timeout_s`` is the
-    process-group timeout of every collective; ``timeout_s`` bounds the whole run.
+    process-group timeout of every collective; ``timeout_s`` bounds the whole run. Ranks in
+    ``dead`` are expected to die (a fault test kills them): their result is None and the run
+    does not wait for them.
     """
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
@@ -96,9 +99,9 @@ def run_ranks(
         ]
         for p in procs:
             p.start()
-        results: dict[int, Any] = {}
+        results: dict[int, Any] = dict.fromkeys(dead)
         try:
-            for _ in range(size):
+            for _ in range(size - len(set(dead))):
                 rank, ok, value = pickle.loads(queue.get(timeout=timeout_s))
                 results[rank] = value if ok else RankError(rank, *value)
         except Exception as exc:

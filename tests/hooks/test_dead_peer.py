@@ -1,0 +1,101 @@
+"""A dead peer: a rank SIGKILLed in backward, inside a collective or between steps makes every
+surviving rank raise a PeerLost within the timeout, naming the collective, the bucket and that
+a peer is gone; nothing hangs. The optimizer (onebit, topk, none) and the DDP hook, on 3 forked
+gloo ranks; every test bounds its own time."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "allreduce"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dist_utils import run_ranks
+from fault_points import WHERE, arm, between
+
+import gradzip
+from gradzip.allreduce.backend import Backend
+
+VICTIM, AT, TIMEOUT = 2, 2, 15.0
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+
+
+def _train(backend: Backend, where: str, spec: str, hook: bool, stamp: str) -> dict[str, Any]:
+    model = _model()
+    opt: Any = torch.optim.SGD(model.parameters(), lr=0.05)
+    forward: Any = model
+    if hook:
+        from torch.nn.parallel import DistributedDataParallel
+
+        from gradzip.hooks.ddp import DDPHookState, compressed_hook
+
+        forward = DistributedDataParallel(model, bucket_cap_mb=0.005)
+        forward.register_comm_hook(DDPHookState(spec, backend=backend), compressed_hook)
+    else:
+        opt = gradzip.DistributedOptimizer(
+            opt, model.named_parameters(), compression=spec, backend=backend,
+            min_compress_numel=0, fusion_bytes=4096,
+        )  # fmt: skip
+    step = [0]
+    if backend.rank == VICTIM:
+        arm(model, backend, where, step, AT, stamp)
+    try:
+        for s in range(6):
+            step[0] = s
+            opt.zero_grad()
+            forward(torch.randn(8, 16)).square().mean().backward()
+            opt.step()
+            if backend.rank == VICTIM:
+                between(where, s, AT, stamp)
+    except Exception as e:  # what a survivor raised, and when
+        return {"kind": type(e).__name__, "message": str(e), "at": time.time(), "step": step[0]}
+    return {"kind": None, "message": "finished", "at": time.time(), "step": step[0]}
+
+
+def survivors(where: str, spec: str, hook: bool) -> list[dict[str, Any]]:
+    """What ranks 0 and 1 raised when rank 2 died at ``where``; ``"after"``: seconds from the
+    victim's death to the survivor's error."""
+    with tempfile.TemporaryDirectory() as tmp:
+        stamp = str(Path(tmp) / "killed")
+        start = time.monotonic()
+        got = run_ranks(
+            _train, 3, where, spec, hook, stamp,
+            dead={VICTIM}, pg_timeout_s=TIMEOUT, timeout_s=60,
+        )  # fmt: skip
+        took = time.monotonic() - start
+        killed = float(Path(stamp).read_text())
+    assert took < TIMEOUT + 20, took
+    return [{**g, "after": g["at"] - killed} for g in got[:VICTIM]]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("where", WHERE)
+@pytest.mark.parametrize("spec", ["onebit", "topk:ratio=0.05", "none"])
+def test_optimizer_survivors_raise_naming_the_collective_and_bucket(where: str, spec: str) -> None:
+    for err in survivors(where, spec, hook=False):
+        assert err["kind"] == "PeerLost", err
+        assert "a peer is gone" in err["message"], err
+        assert "bucket" in err["message"] or "flags of step" in err["message"], err
+        assert any(k in err["message"] for k in ("allreduce", "allgather", "alltoall")), err
+        assert err["step"] == AT + (where == "between") and err["after"] < TIMEOUT, err
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("where", ["backward", "between"])
+def test_ddp_hook_survivors_raise_naming_the_bucket(where: str) -> None:
+    for err in survivors(where, "onebit", hook=True):
+        assert err["kind"] == "PeerLost", err
+        assert "a peer is gone" in err["message"] and "DDP bucket" in err["message"], err
+        assert err["after"] < TIMEOUT, err
