@@ -26,7 +26,9 @@ def die(stamp: str | None) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def arm(model: torch.nn.Module, backend: Any, where: str, step: list[int], at: int, stamp: str | None) -> None:
+def arm(
+    model: torch.nn.Module, backend: Any, where: str, step: list[int], at: int, stamp: str | None
+) -> None:
     """Install the fault for ``where`` (see the module docstring); ``step[0]`` is the loop's
     current step, ``at`` the step of the fault."""
     if where == "backward":

@@ -29,7 +29,9 @@ VICTIM, AT, TIMEOUT = 2, 2, 15.0
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    return nn.Sequential(
+        nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)
+    )
 
 
 def _train(backend: Backend, where: str, spec: str, hook: bool, stamp: str) -> dict[str, Any]:
