@@ -25,6 +25,7 @@ __all__ = [
     "as_float32_flat",
     "available",
     "check_dtype",
+    "check_parts",
     "compressor",
     "derive_seed",
     "generator",
@@ -132,8 +133,44 @@ def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     return gen
 
 
+def check_parts(
+    payload: Payload,
+    what: str,
+    dtypes: typing.Sequence[torch.dtype],
+    numels: typing.Sequence[int | None] | None = None,
+) -> None:
+    """Raise a CompressionError unless ``payload`` has one part per entry of ``dtypes``, of
+    that dtype (and of ``numels[i]`` elements where that is not None): a payload that does not
+    fit its ctx is refused, never decoded into a wrong tensor."""
+    if not isinstance(payload, Payload):
+        raise CompressionError(f"{what}: expected a Payload, got {type(payload).__name__}")
+    if len(payload) != len(dtypes):
+        raise CompressionError(
+            f"{what} payload has {len(payload)} parts; expected {len(dtypes)} "
+            f"({', '.join(str(d).split('.')[-1] for d in dtypes)})"
+        )
+    for i, (part, dtype) in enumerate(zip(payload.tensors, dtypes, strict=True)):
+        if part.dtype != dtype:
+            raise CompressionError(
+                f"{what} payload part {i} has dtype {part.dtype}; expected {dtype}"
+            )
+        want = None if numels is None else numels[i]
+        if want is not None and part.numel() != want:
+            raise CompressionError(
+                f"{what} payload part {i} has {part.numel()} elements; its ctx needs {want}"
+            )
+
+
 def check_dtype(tensor: torch.Tensor, name: str = "tensor") -> None:
-    """Raise a CompressionError unless ``tensor`` is fp32, fp16 or bf16."""
+    """Raise a CompressionError unless ``tensor`` is a dense fp32, fp16 or bf16 tensor with
+    values (not sparse, not on the meta device)."""
+    if tensor.layout is not torch.strided:
+        raise CompressionError(
+            f"{name} has layout {tensor.layout}; compressors take dense tensors (call "
+            ".to_dense() first, or keep sparse gradients out of the compressed parameters)"
+        )
+    if tensor.device.type == "meta":
+        raise CompressionError(f"{name} is on the meta device: it has a shape but no values")
     if tensor.dtype not in FLOAT_DTYPES:
         raise CompressionError(
             f"{name} has dtype {tensor.dtype}; expected one of float32, float16, bfloat16"

@@ -36,6 +36,7 @@ from gradzip.compress.base import (
     Compressor,
     Payload,
     Reduction,
+    check_parts,
     register,
 )
 from gradzip.compress.memory import Key, check_finite
@@ -278,4 +279,5 @@ class DGC(Compressor):
         return select(tensor, self.density(), self.selection, self.sample_ratio, seed)
 
     def decompress(self, payload: Payload, ctx: SparseCtx) -> torch.Tensor:
+        check_parts(payload, "dgc", [torch.int32, torch.float32])
         return desparsify(payload[0], payload[1], ctx.numel).to(ctx.dtype).view(ctx.shape)

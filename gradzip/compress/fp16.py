@@ -10,6 +10,7 @@ GradScaler skips the step everywhere. bf16 keeps fp32's range with 8 bits of man
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import torch
@@ -20,6 +21,8 @@ from gradzip.compress.base import (
     Payload,
     Reduction,
     as_float32_flat,
+    check_dtype,
+    check_parts,
     register,
 )
 
@@ -34,12 +37,14 @@ class _Cast(Compressor):
     def compress(
         self, tensor: torch.Tensor, *, seed: int = 0, shared: torch.Tensor | None = None
     ) -> tuple[Payload, DenseCtx]:
+        check_dtype(tensor)
         flat = tensor.reshape(-1)
         if flat.dtype != self.wire_dtype:
             flat = as_float32_flat(flat).to(self.wire_dtype)
         return Payload((flat.contiguous(),)), DenseCtx(tensor.shape, tensor.dtype)
 
     def decompress(self, payload: Payload, ctx: DenseCtx) -> torch.Tensor:
+        check_parts(payload, self.name, [self.wire_dtype], [math.prod(ctx.shape)])
         return payload[0].to(ctx.dtype).view(ctx.shape)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import torch
@@ -13,6 +14,7 @@ from gradzip.compress.base import (
     Payload,
     Reduction,
     check_dtype,
+    check_parts,
     register,
 )
 
@@ -33,4 +35,5 @@ class NoCompression(Compressor):
         return Payload((tensor.reshape(-1).contiguous(),)), DenseCtx(tensor.shape, tensor.dtype)
 
     def decompress(self, payload: Payload, ctx: DenseCtx) -> torch.Tensor:
+        check_parts(payload, "none", [ctx.dtype], [math.prod(ctx.shape)])
         return payload[0].view(ctx.shape).to(ctx.dtype)

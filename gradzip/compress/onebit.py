@@ -55,6 +55,7 @@ from gradzip.compress.base import (
     Payload,
     Reduction,
     check_dtype,
+    check_parts,
     register,
 )
 from gradzip.compress.memory import Memory, ResidualMemory, check_finite
@@ -293,8 +294,14 @@ class OneBit(Compressor):
 
     def decompress(self, payload: Payload, ctx: DenseCtx) -> torch.Tensor:
         """Each element becomes the mean of its group's side: ``scales[2*group + bit]``."""
+        check_parts(payload, "onebit", [torch.uint8, torch.float32])
         packed, scales = payload
         n = math.prod(ctx.shape)
+        if packed.numel() != packed_size(n, 1):
+            raise CompressionError(
+                f"onebit payload has {packed.numel()} sign bytes; {n} elements need "
+                f"{packed_size(n, 1)}"
+            )
         blocks = self._blocks(ctx.shape)
         groups = sum(b.groups for b in blocks)
         if scales.numel() != 2 * groups:

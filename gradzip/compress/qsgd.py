@@ -36,6 +36,7 @@ from gradzip.compress.base import (
     Payload,
     Reduction,
     as_float32_flat,
+    check_parts,
     generator,
     register,
 )
@@ -173,6 +174,7 @@ class QSGD(Compressor):
         return Payload((packed, norms)), DenseCtx(tensor.shape, tensor.dtype)
 
     def decompress(self, payload: Payload, ctx: DenseCtx) -> torch.Tensor:
+        check_parts(payload, "qsgd", [torch.uint8, torch.float32])
         packed, norms = payload
         n = math.prod(ctx.shape)
         if norms.numel() != -(-n // self.bucket_size):

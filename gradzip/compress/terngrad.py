@@ -34,6 +34,7 @@ from gradzip.compress.base import (
     Payload,
     Reduction,
     as_float32_flat,
+    check_parts,
     generator,
     register,
 )
@@ -141,5 +142,6 @@ class TernGrad(Compressor):
         return Ternary(trits.to(torch.int8) - 1, scaler.reshape(()))
 
     def decompress(self, payload: Payload, ctx: DenseCtx) -> torch.Tensor:
+        check_parts(payload, "terngrad", [torch.uint8, torch.float32], [None, 1])
         values, scaler = self.unpack(payload, math.prod(ctx.shape))
         return (values.to(torch.float32) * scaler).to(ctx.dtype).view(ctx.shape)

@@ -23,6 +23,7 @@ from gradzip.compress.base import (
     Payload,
     Reduction,
     as_float32_flat,
+    check_parts,
     generator,
     register,
 )
@@ -229,4 +230,5 @@ class TopK(Compressor):
         return select(tensor, self.ratio, self.selection, self.sample_ratio, seed)
 
     def decompress(self, payload: Payload, ctx: SparseCtx) -> torch.Tensor:
+        check_parts(payload, "topk", [torch.int32, torch.float32])
         return desparsify(payload[0], payload[1], ctx.numel).to(ctx.dtype).view(ctx.shape)

@@ -31,7 +31,7 @@ from torch import nn
 from gradzip.allreduce.auto import default_backend
 from gradzip.allreduce.backend import Backend
 from gradzip.allreduce.fusion import DEFAULT_FUSION_BYTES
-from gradzip.compress.base import CompressionError, Compressor
+from gradzip.compress.base import FLOAT_DTYPES, CompressionError, Compressor
 from gradzip.compress.dgc import DGC, check_optimizer
 from gradzip.compress.sfb import SFB
 from gradzip.hooks.pipeline import GradPipeline, Slot
@@ -211,6 +211,12 @@ def _slots(
         if not p.requires_grad:
             continue
         name = names[p]
+        if p.dtype not in FLOAT_DTYPES or p.layout is not torch.strided:
+            raise CompressionError(
+                f"parameter {name!r} is a {p.layout} {p.dtype} tensor; gradzip reduces the "
+                "gradients of dense float32, float16 and bfloat16 parameters (leave this one "
+                "out of the optimizer, or convert it)"
+            )
         c = _adapt(policy.choose(name, p.numel()), world_size)
         capture = None
         if isinstance(c, SFB):
