@@ -7,6 +7,7 @@ torch.distributed when its default process group is initialised; otherwise a cle
 
 from __future__ import annotations
 
+import datetime
 import sys
 
 import torch.distributed as dist
@@ -27,21 +28,28 @@ def horovod_initialized() -> bool:
         return False
 
 
-def default_backend(*, prefix: str = "gradzip") -> Backend:
+def default_backend(*, prefix: str = "gradzip", timeout: float | None = None) -> Backend:
     """The backend of the engine the script initialised: Horovod, else torch.distributed.
 
     ``prefix`` names Horovod collectives (ranks match them by name, so it must be the same on
     every rank). torch.distributed gets a new process group over all ranks (a collective call:
-    every rank must call this at the same point).
+    every rank must call this at the same point). ``timeout``: seconds a collective may wait
+    for its peers before it raises (None: the backend's default, 5 minutes).
     """
+    if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
+        raise ValueError(f"timeout={timeout!r}; expected seconds > 0, or None for the default")
     if horovod_initialized():
         from gradzip.allreduce.horovod import HorovodBackend
 
-        return HorovodBackend(prefix=prefix)
+        if timeout is None:
+            return HorovodBackend(prefix=prefix)
+        return HorovodBackend(prefix=prefix, timeout=float(timeout))
     if dist.is_available() and dist.is_initialized():
         from gradzip.allreduce.torch_dist import TorchDistBackend
 
-        return TorchDistBackend()
+        if timeout is None:
+            return TorchDistBackend()
+        return TorchDistBackend(timeout=datetime.timedelta(seconds=float(timeout)))
     raise RuntimeError(
         "no communication engine is initialised: call hvd.init() (Horovod) or "
         "torch.distributed.init_process_group(...) before building a gradzip "

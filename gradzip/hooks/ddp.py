@@ -108,9 +108,15 @@ class DDPHookState:
         dense_steps: int = 0,
         nonfinite: str = "propagate",
         optimizer: torch.optim.Optimizer | None = None,
+        timeout: float | None = None,
     ) -> None:
         if process_group is not None and backend is not None:
             raise ValueError("give process_group or backend, not both")
+        if timeout is not None and (backend is not None or process_group is not None):
+            raise ValueError("timeout= applies to the group gradzip builds, not to one you pass")
+        if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
+            raise ValueError(f"timeout={timeout!r}; expected seconds > 0, or None")
+        self.timeout = timeout  # seconds a collective waits for its peers (None: 5 minutes)
         comp = compressor(compression)
         if comp.reduction is Reduction.FACTORS:
             raise CompressionError(
@@ -171,9 +177,13 @@ class DDPHookState:
     def backend(self) -> Backend:
         """The backend over ``process_group`` (None: a new group of all ranks), built once."""
         if self._backend is None:
-            from gradzip.allreduce.torch_dist import TorchDistBackend
+            import datetime
 
-            self._backend = TorchDistBackend(self.process_group)
+            from gradzip.allreduce.torch_dist import DEFAULT_TIMEOUT, TorchDistBackend
+
+            timeout = getattr(self, "timeout", None)
+            wait = DEFAULT_TIMEOUT if timeout is None else datetime.timedelta(seconds=timeout)
+            self._backend = TorchDistBackend(self.process_group, timeout=wait)
         return self._backend
 
     @property
@@ -398,6 +408,7 @@ def ddp_comm_hook(
     dense_steps: int = 0,
     nonfinite: str = "propagate",
     optimizer: torch.optim.Optimizer | None = None,
+    timeout: float | None = None,
 ) -> tuple[DDPHookState, Any]:
     """``(state, hook)`` for ``DistributedDataParallel.register_comm_hook(state, hook)``.
 
@@ -410,7 +421,9 @@ def ddp_comm_hook(
     feedback), then compression starts, like torch's PowerSGD hook's ``start_powerSGD_iter``;
     ``nonfinite``: ``"propagate"`` (a NaN/Inf on any rank makes the bucket NaN everywhere, as
     DDP; GradScaler then skips the step) or ``"raise"``; ``optimizer``: the optimizer the
-    model trains with, required for DGC (checked to have no momentum of its own).
+    model trains with, required for DGC (checked to have no momentum of its own);
+    ``timeout``: seconds a collective of the hook's own group waits for its peers (a dead peer
+    raises a PeerLost naming the bucket; default 5 minutes).
     """
     state = DDPHookState(
         compression,
@@ -423,6 +436,7 @@ def ddp_comm_hook(
         dense_steps=dense_steps,
         nonfinite=nonfinite,
         optimizer=optimizer,
+        timeout=timeout,
     )
     state.backend  # noqa: B018  (build it now: creating a group is collective)
     return state, compressed_hook

@@ -257,6 +257,7 @@ def DistributedOptimizer(
     sparse: str = "allgather",
     dense_steps: int = 0,
     nonfinite: str = "propagate",
+    timeout: float | None = None,
 ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` so that ``step()`` uses gradients averaged (``op=Average``) or
     summed (``op=Sum``) over all ranks, sent compressed as ``compression`` says.
@@ -282,6 +283,9 @@ def DistributedOptimizer(
     that step's reduced gradient NaN on every rank (the dense casts: the non-finite sum itself)
     and leaves every error-feedback state as it was, so ``GradScaler`` skips the step on all
     ranks; ``"raise"`` raises a CompressionError on every rank instead, naming the tensor.
+    ``timeout``: seconds a collective waits for its peers; a peer that died or never joins
+    makes every other rank raise a :class:`~gradzip.allreduce.backend.PeerLost` naming the
+    collective and the bucket (default 5 minutes; a crashed peer is usually seen at once).
 
     DGC: the wrapped optimizer must have no momentum, and its warm-up runs only if the loop
     calls ``opt.set_epoch(epoch)`` at the start of every epoch (without it DGC sends its final
@@ -298,7 +302,9 @@ def DistributedOptimizer(
     if isinstance(bpps, bool) or not isinstance(bpps, int) or bpps < 1:
         raise ValueError(f"backward_passes_per_step={bpps!r}; expected an int >= 1")
     if backend is None:
-        backend = default_backend(prefix=f"gradzip.opt{next(_instances)}")
+        backend = default_backend(prefix=f"gradzip.opt{next(_instances)}", timeout=timeout)
+    elif timeout is not None:
+        raise ValueError("timeout= applies to the backend gradzip builds; give it to backend=...")
     names = _names(optimizer, named_parameters, model)
     slots = _slots(optimizer, names, compression, min_compress_numel, model, backend.size)
     if any(isinstance(s.compressor, DGC) for s in slots):
