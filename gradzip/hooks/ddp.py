@@ -160,7 +160,8 @@ class DDPHookState:
         self._pending: list[_InFlight] = []
         self._settle: list[tuple[_InFlight, Reduced]] = []  # done buckets of this step
         self._skipped = False  # a bucket of this step held a NaN/Inf on some rank
-        self._checked = False  # the settings were compared across ranks (once per process)
+        # (index, numel, dtype) of the buckets compared across ranks (once each per process)
+        self._checked: set[tuple[int, int, torch.dtype]] = set()
         self._backend: Backend | None = backend
         self._counted = (0, 0)  # backend byte counters already added to the statistics
         # statistics
@@ -210,7 +211,7 @@ class DDPHookState:
         if self.counters["buckets"] == 0:
             self._fit_world(self.backend.size)
         try:
-            if not self._checked:
+            if (index, buffer.numel(), buffer.dtype) not in self._checked:
                 self._check_ranks_agree(index, buffer)
             if self.memory.track(index, bucket.parameters(), buffer.numel()):
                 if self.strategy.state_dict().get("server"):
@@ -247,9 +248,11 @@ class DDPHookState:
         return future
 
     def _check_ranks_agree(self, index: int, buffer: torch.Tensor) -> None:
-        """Compare the hook's settings (and the first bucket) across ranks once per process,
-        before anything moves: ranks that disagree fail at once, naming both values, instead
-        of hanging in or mixing up a later collective."""
+        """Compare the hook's settings and this bucket across ranks, the first time a bucket
+        of this index and size is seen (DDP's first layout, then the one it rebuilds after the
+        first iteration), before it moves: ranks that disagree (other settings, another
+        ``bucket_cap_mb``, another dtype) fail at once, naming both values, instead of hanging
+        in or mixing up a later collective."""
         config = " ".join(
             f"{k}={v}"
             for k, v in (
@@ -263,7 +266,7 @@ class DDPHookState:
         )
         items = [(index, buffer.numel(), str(buffer.dtype))]
         check_consistent(self.backend, items, f"DDP-hook {config}")
-        self._checked = True
+        self._checked.add((index, buffer.numel(), buffer.dtype))
 
     def _fit_world(self, size: int) -> None:
         """DGC scales its clipping threshold by the world size: fill in the default of 1."""
@@ -377,7 +380,7 @@ class DDPHookState:
         self.strategy = self._new_strategy()
         self.strategy.load_state_dict(strategy)
         self._pending, self._backend, self._counted = [], None, (0, 0)
-        self._settle, self._skipped, self._checked = [], False, False
+        self._settle, self._skipped, self._checked = [], False, set()
         self._dense = strategy_for(DENSE, verify=self.verify)
 
 

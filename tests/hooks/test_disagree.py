@@ -3,8 +3,10 @@
 Rank 1 differs from rank 0 in one thing at a time. The optimizer: the compressor spec, the
 fusion size, the parameter set, the dense steps, the backward passes per step, the dtype of
 the model, the strategy and the non-finite policy. The DDP hook: the compressor, the dense
-steps, the strategy and the non-finite policy. Each case must raise on both ranks within
-seconds (the process group's timeout is 20 s), naming the setting or tensor that differs.
+steps, the strategy, the non-finite policy and the dtype (DDP itself checks the parameter
+shapes when it is built and hands every rank rank 0's bucket layout when it rebuilds). Each
+case must raise on both ranks within seconds (the process group's timeout is 20 s), naming
+the setting or tensor that differs.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ HOOK_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
         r"'gather=allgather' against 'gather=scatter_gather'",
     ),
     "nonfinite": ({}, {"nonfinite": "raise"}, r"'nonfinite=propagate' against 'nonfinite=raise'"),
+    # the model's dtype shows in the bucket (DDP itself gives every rank rank 0's bucket
+    # layout when it rebuilds, so another bucket_cap_mb cannot make ranks disagree)
+    "dtype": ({}, {"dtype": torch.float64}, r"torch\.float32.*torch\.float64|float64"),
 }
 
 
@@ -91,10 +96,11 @@ def _hook(backend: Backend, case: str) -> str:
 
     mine = HOOK_CASES[case][backend.rank]
     kw = {"compression": "onebit", **mine}
-    model = DistributedDataParallel(Net(False), bucket_cap_mb=0.01)
+    dtype = kw.pop("dtype", torch.float32)
+    model = DistributedDataParallel(Net(False).to(dtype), bucket_cap_mb=0.01)
     model.register_comm_hook(DDPHookState(backend=backend, **kw), compressed_hook)
     for _ in range(3):
-        model(torch.randn(8, 16)).square().mean().backward()
+        model(torch.randn(8, 16, dtype=dtype)).square().mean().backward()
     return "no error"
 
 
