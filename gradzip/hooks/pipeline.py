@@ -156,7 +156,10 @@ class GradPipeline:
         self.epoch: float | None = None
         self.streams: list[Stream] = []
         for base in dict.fromkeys([s.compressor for s in slots] + [DENSE]):
-            strategy = strategy_for(base, gather=gather, sparse=sparse, average=average)
+            # no per-bucket check: the plan's fingerprint (plan()) covers every bucket at once
+            strategy = strategy_for(
+                base, gather=gather, sparse=sparse, average=average, verify=False
+            )
             strategy.deferred = True  # settled per step, once every rank's flags are known
             self.streams.append(Stream(base, base, strategy))
         # the DENSE stream also carries every bucket during the first dense_steps
@@ -281,36 +284,52 @@ class GradPipeline:
         """Whether this step sends every gradient uncompressed (the first ``dense_steps``)."""
         return self.step < self.dense_steps
 
-    def _grad(self, i: int, passthrough: bool) -> torch.Tensor:
+    def _nonfinite(self, group: list[int]) -> set[int]:
+        """The slots of a bucket whose gradient holds a NaN/Inf, with one host sync for the
+        bucket: the fp32 sums of its gradients (see :func:`is_finite`), tensor by tensor only
+        when one of them is not finite. Flags the bucket (``self.bad``)."""
+        have: list[tuple[int, torch.Tensor]] = []
+        for i in group:
+            g = self.slots[i].param.grad
+            if self.slots[i].passes > 0 and g is not None and g.numel():
+                have.append((i, g))
+        if not have:
+            return set()
+        sums = torch.stack([g.sum(dtype=torch.float32) for _, g in have])
+        if bool(torch.isfinite(sums).all()):
+            return set()
+        found = {i for i, g in have if not is_finite(g)}
+        if found:
+            first = self.slots[min(found, key=group.index)]
+            self.bad.setdefault(first.bucket, first.name)
+        return found
+
+    def _grad(self, i: int, bad: bool, passthrough: bool) -> torch.Tensor:
         """Slot ``i``'s gradient as this step sends it: zeros where it has none, and zeros
-        (the bucket flagged) where it holds a NaN/Inf, unless ``passthrough``."""
+        where it holds a NaN/Inf (``bad``), unless ``passthrough``."""
         s = self.slots[i]
         g = s.param.grad if s.passes > 0 else None
-        if g is not None and not is_finite(g):
-            self.bad.setdefault(s.bucket, s.name)
-            if not passthrough:
-                g = None
-        return torch.zeros_like(s.param) if g is None else g
+        if g is None or (bad and not passthrough):
+            return torch.zeros_like(s.param)
+        return g
 
-    def _entry(self, i: int) -> Entry:
+    def _entry(self, i: int, bad: bool) -> Entry:
         """Slot ``i``'s entry: factors, or the compensated gradient, or a fused payload."""
         s = self.slots[i]
         stream = self.streams[s.stream]
         if self.dense:  # warm-up: the plain gradient; error feedback starts afterwards
-            return Entry(s.name, self.warmup.compensate(s.name, self._grad(i, True)))
+            return Entry(s.name, self.warmup.compensate(s.name, self._grad(i, bad, True)))
         if s.capture is not None:
             assert isinstance(s.compressor, SFB)
             if s.passes == 0:
                 payload, ctx = s.capture.empty(s.compressor)
                 return Entry(s.name, payload=payload, ctx=ctx)
             payload, ctx = s.capture.payload(s.compressor)
-            if s.param.grad is not None and not is_finite(s.param.grad):
-                self.bad.setdefault(s.bucket, s.name)
-            elif not s.checked and s.param.grad is not None:
+            if not bad and not s.checked and s.param.grad is not None:
                 s.capture.check(s.compressor, payload, ctx, s.param.grad)
                 s.checked = True
             return Entry(s.name, payload=payload, ctx=ctx)
-        grad = self._grad(i, passes_nonfinite(stream.compressor))
+        grad = self._grad(i, bad, passes_nonfinite(stream.compressor))
         if stream.strategy.takes_payloads:
             # 1-bit SGD (and DGC's kernel on CUDA) fuse compensate, compress and the residual
             # update into one sweep; the strategy then gets the payload, not the tensor. The
@@ -325,13 +344,10 @@ class GradPipeline:
                         stream.compressor, s.memory, s.name, grad, seed=seed, fresh=fresh
                     )
                 except BaseException:
-                    s.memory.restore(s.name, snap)
-                    del self.snapshots[i]
+                    s.memory.restore(s.name, self.snapshots.pop(i))
                     raise
-                if fused is not None:
-                    return Entry(s.name, payload=fused[0], ctx=fused[1])
-                del self.snapshots[i]
-                s.memory.restore(s.name, snap)
+                assert fused is not None  # has_feedback_step said there is one
+                return Entry(s.name, payload=fused[0], ctx=fused[1])
         if passes_nonfinite(stream.compressor):
             return Entry(s.name, grad.to(torch.float32))
         return Entry(s.name, s.memory.compensate(s.name, grad))
@@ -356,7 +372,8 @@ class GradPipeline:
         group = self.buckets[b]
         dense = self.dense
         stream = self.streams[self.dense_stream if dense else self.slots[group[0]].stream]
-        entries = [self._entry(i) for i in group]
+        bad = self._nonfinite(group)
+        entries = [self._entry(i, i in bad) for i in group]
         with self._naming(f"sending {self._bucket(b)} ({stream.strategy.name})"):
             work = stream.strategy.start(
                 self.backend, stream.compressor, entries, seed=self.seed, step=self.step
@@ -393,24 +410,18 @@ class GradPipeline:
                 for i in done.slots:
                     self._call_off(i, done)
             self.step += 1
-            self._reset_after_step()
+            self._reset()
             raise CompressionError(self._nonfinite_message(bad))
         skipped = any(bad)  # every rank skips this step: no error-feedback state may move
         for b, (done, reduced) in enumerate(zip(self.launched, results, strict=True)):
             for i, entry, red in zip(done.slots, done.entries, reduced, strict=True):
                 if not used[i]:
                     self._call_off(i, done)
-                elif skipped:
+                elif skipped:  # the reduced gradient is written, no feedback is kept
                     self._call_off(i, done)
-                    if not bad[b]:
-                        self._write(i, entry, red, feedback=False)
-                        continue
-                    value = (
-                        red.reduced
-                        if done.passthrough
-                        else torch.full_like(red.reduced, float("nan"))
-                    )
-                    self._write(i, entry, Reduced(value, None), feedback=False)
+                    if bad[b] and not done.passthrough:
+                        red = Reduced(torch.full_like(red.reduced, float("nan")), None)
+                    self._write(i, entry, red, feedback=False)
                 else:
                     self._write(i, entry, red, feedback=not done.dense)
                     done.strategy.settle(entry.key, keep=True)
@@ -418,14 +429,6 @@ class GradPipeline:
                         s = self.slots[i]
                         s.memory.release(s.name, self.snapshots.pop(i))
         self.step += 1
-        self._reset_after_step()
-
-    def _reset_after_step(self) -> None:
-        # every bucket's layout (keys, sizes, compressor) is fixed at the first launch and was
-        # compared across ranks then; later steps repeat it, so the per-bucket check (one
-        # blocking allreduce each) is not paid again
-        for st in self.streams:
-            st.strategy.verify = False
         self._reset()
 
     def _call_off(self, i: int, done: _Launched) -> None:
