@@ -103,6 +103,7 @@ def make_config(args: argparse.Namespace, out_dir: str) -> WorkerConfig:
         out_dir=out_dir,
         size=args.workers,
         launcher=args.launcher,
+        set_epoch=bool(getattr(args, "set_epoch", False)),
         **preset,
     )
     _check(cfg)
@@ -115,8 +116,10 @@ def _check(cfg: WorkerConfig) -> None:
     for name in ("size", "steps", "batch_size", "evals"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name}={getattr(cfg, name)!r}; expected an int >= 1")
-    if cfg.warmup_steps < 0 or cfg.min_compress_numel < 0 or cfg.dense_steps < 0:
-        raise ValueError("warmup_steps, min_compress_numel and dense_steps must be >= 0")
+    for name in ("warmup_steps", "min_compress_numel", "dense_steps"):
+        value = getattr(cfg, name)
+        if value is not None and value < 0:
+            raise ValueError(f"{name}={value}; expected an int >= 0")
     for m in cfg.methods:
         if m not in PEERS:
             compressor(m)  # an unknown name or option raises a ValueError listing valid ones
@@ -212,29 +215,39 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _notes(cfg: WorkerConfig, cpu_s: float, wall_s: float) -> list[str]:
+def _notes(cfg: WorkerConfig, cpu_s: float, wall_s: float, seeds: Sequence[int]) -> list[str]:
     cores = len(os.sched_getaffinity(0))
+    numel = "gradzip's default" if cfg.min_compress_numel is None else cfg.min_compress_numel
+    dense = "gradzip's default" if cfg.dense_steps is None else cfg.dense_steps
+    dgc = (
+        f"DGC's 4 warm-up epochs span the first {cfg.warmup_steps} steps (set_epoch at each one)"
+        if cfg.set_epoch
+        else "no set_epoch call: DGC's warm-up spans its own warmup_steps"
+    )
+    head = [
+        f"seeds {', '.join(map(str, seeds))}: accuracy is the mean over them, min-max beside it"
+        if len(seeds) > 1
+        else f"one seed ({seeds[0]}): a single run per method, no spread",
+        f"gradzip methods run with min_compress_numel={numel}, dense_steps={dense}, "
+        f"momentum_correction=default (on for SGD with momentum and 1-bit/top-k); {dgc}; "
+        f"PowerSGD (rank {cfg.powersgd_rank}) starts after step {max(2, cfg.warmup_steps)}.",
+        "ratio: dense gradient bytes / bytes rank 0 handed to collectives over the steps after "
+        "the method's warm-up (dense steps, DGC's sparsity warm-up, PowerSGD's start); ratio, "
+        "whole run: over every step, warm-up included.",
+    ]
+    return [*head, *_run_notes(cfg, cpu_s, wall_s, cores)]
+
+
+def _run_notes(cfg: WorkerConfig, cpu_s: float, wall_s: float, cores: int) -> list[str]:
     return [
         f"{cfg.size} worker processes ({cfg.launcher} launcher, gloo), {cfg.steps} steps, "
         f"batch {cfg.batch_size} per worker, SGD lr {cfg.lr} (cosine decay to 0) momentum "
         f"{cfg.momentum} (DGC: "
         "momentum inside the compressor, optimizer without), same initial weights and batches "
         "for every method.",
-        f"ratio and bytes/step: dense gradient bytes / bytes rank 0 handed to collectives, over "
-        f"steps {max(cfg.warmup_steps, cfg.dense_steps) + 1}..{cfg.steps} (after the warm-up "
-        "window and any dense steps). gradzip: the "
-        "backend byte counters (every collective, the per-step used-parameter flags included); "
-        "torch DDP peers: measured by wrapping torch.distributed.all_reduce during their steps; "
-        "Horovod fp16: measured by wrapping its compressor.",
-        f"gradzip compresses every tensor (min_compress_numel={cfg.min_compress_numel})"
-        + (
-            f" after its first {cfg.dense_steps} steps, which are dense (dense_steps)"
-            if cfg.dense_steps
-            else ""
-        )
-        + ". DGC's "
-        f"4 warm-up epochs span the first {cfg.warmup_steps} steps (set_epoch at each one); "
-        f"PowerSGD (rank {cfg.powersgd_rank}) starts after them too.",
+        "bytes: gradzip: the backend byte counters (every collective, the per-step flags "
+        "included); torch DDP peers: measured by wrapping torch.distributed.all_reduce during "
+        "their steps; Horovod fp16: measured by wrapping its compressor.",
         "wall s: training time of rank 0 (evaluation excluded); the workers share the cores.",
         f"the whole run took {wall_s:.0f} s of wall time and {cpu_s:.0f} s of CPU time in the "
         f"workers (at least {cpu_s / cores:.0f} s of wall on {cores} idle cores).",
@@ -267,6 +280,19 @@ def _parser() -> argparse.ArgumentParser:
         ("powersgd-rank", int),
     ):
         p.add_argument(f"--{name}", type=kind, help="override the preset")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="run the whole table once per seed (initial weights and batches) and report the "
+        "mean and min-max; overrides --seed",
+    )
+    p.add_argument(
+        "--set-epoch",
+        action="store_true",
+        help="call set_epoch for DGC (its 4 warm-up epochs over --warmup-steps); default: "
+        "no call, as in a user's script (DGC then counts its own warmup_steps)",
+    )
     p.add_argument("--out-dir", type=Path, default=RESULTS, help="where tables and plots go")
     return p
 
@@ -275,16 +301,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the workers are stopped
     started = time.time()
-    with tempfile.TemporaryDirectory(prefix="gradzip-accuracy-") as tmp:
-        cfg = make_config(args, tmp)
-        task = load_task(cfg.task, train_limit=cfg.train_limit, test_limit=cfg.test_limit)
-        cpu_before = _cpu_seconds()
-        records, failures = run(cfg, Path(tmp))
-        cpu_s = _cpu_seconds() - cpu_before
+    seeds = args.seeds or [args.seed if args.seed is not None else 0]
+    records: dict[str, list[dict[str, Any]]] = {}
+    failures: dict[str, str] = {}
+    cpu_before = _cpu_seconds()
+    for seed in seeds:
+        with tempfile.TemporaryDirectory(prefix="gradzip-accuracy-") as tmp:
+            cfg = dataclasses.replace(make_config(args, tmp), seed=seed)
+            task = load_task(cfg.task, train_limit=cfg.train_limit, test_limit=cfg.test_limit)
+            got, failed = run(cfg, Path(tmp))
+        for m, rec in got.items():
+            records.setdefault(m, []).append(rec)
+        for m, why in failed.items():
+            failures.setdefault(m, f"seed {seed}: {why}")
+    cpu_s = _cpu_seconds() - cpu_before
     accuracy = task.metric_name == "accuracy"
-    skip = max(cfg.warmup_steps, cfg.dense_steps)  # the ratio counts compressed steps only
-    rows = build_rows(cfg.task, records, cfg.methods, skip, failures, accuracy)
-    notes = _notes(cfg, cpu_s, time.time() - started)
+    rows = build_rows(cfg.task, records, cfg.methods, failures, accuracy)
+    notes = _notes(cfg, cpu_s, time.time() - started, seeds)
     stem = f"{cfg.task}_full" if args.full else cfg.task  # --full keeps the default table
     text = write_tables(args.out_dir, stem, task.metric_name, rows, notes)
     plot(args.out_dir, stem, task.metric_name, records, rows)

@@ -63,8 +63,9 @@ class WorkerConfig:
     curve_test_limit: int | None = 2000
     evals: int = 8  # evaluation points of the training curve (the last at the final step)
     warmup_steps: int = 30  # DGC's warm-up epochs span these steps; PowerSGD starts after them
-    min_compress_numel: int = 0
-    dense_steps: int = 0  # gradzip methods: the first steps send dense gradients
+    min_compress_numel: int | None = None  # None: gradzip's default (small tensors dense)
+    dense_steps: int | None = None  # gradzip methods: the first steps dense (None: default)
+    set_epoch: bool = False  # drive DGC's warm-up by epochs over warmup_steps (else: its own)
     powersgd_rank: int = 1
     seq_len: int = 64
     launcher: str = "torch"
@@ -122,6 +123,7 @@ class _Wrapped:
     optimizer: torch.optim.Optimizer
     take_bytes: Callable[[], int]  # bytes handed to collectives since the last call
     set_epoch: Callable[[float], None] | None = None
+    warmup: int = 0  # steps before the method sends what it sends for good (dense, warm-up)
 
 
 def _wrap(cfg: WorkerConfig, method: str, model: nn.Module, counter: _AllreduceCounter) -> _Wrapped:
@@ -148,7 +150,8 @@ def _wrap(cfg: WorkerConfig, method: str, model: nn.Module, counter: _AllreduceC
             value, counter.bytes = counter.bytes, 0
             return value
 
-        return _Wrapped(ddp, opt, take)
+        warm = max(2, cfg.warmup_steps) if method == "ddp-powersgd" else 0
+        return _Wrapped(ddp, opt, take, None, warm)
     if method == "hvd-fp16":
         import horovod.torch as hvd
 
@@ -165,14 +168,15 @@ def _wrap(cfg: WorkerConfig, method: str, model: nn.Module, counter: _AllreduceC
     comp: Any = gradzip.compressor(method)
     if dgc and "momentum" not in method:  # the same momentum as the other methods
         comp = dataclasses.replace(comp, momentum=cfg.momentum)
+    extra = {} if cfg.min_compress_numel is None else {"min_compress_numel": cfg.min_compress_numel}
     gopt: Any = gradzip.DistributedOptimizer(
         opt,
         model.named_parameters(),
         compression=comp,
         model=model,
-        min_compress_numel=cfg.min_compress_numel,
         seed=cfg.seed,
         dense_steps=cfg.dense_steps,
+        **extra,
     )
 
     def take_gz() -> int:
@@ -181,7 +185,10 @@ def _wrap(cfg: WorkerConfig, method: str, model: nn.Module, counter: _AllreduceC
         stats.reset()
         return int(value)
 
-    return _Wrapped(model, gopt, take_gz, gopt.set_epoch if dgc else None)
+    warm = gopt._gz.dense_steps
+    if dgc and not cfg.set_epoch:
+        warm = max(warm, comp.warmup_steps)
+    return _Wrapped(model, gopt, take_gz, gopt.set_epoch if dgc and cfg.set_epoch else None, warm)
 
 
 def _metric(task: Task, model: nn.Module, rank: int, size: int, limit: int | None) -> float:
@@ -251,6 +258,8 @@ def train_method(
         "losses": losses,
         "train_s": train_s,
         "final": curve[-1][1],
+        "warmup": w.warmup,
+        "seed": cfg.seed,
     }
 
 

@@ -194,6 +194,9 @@ class Compressor(abc.ABC):
     reduction: ClassVar[Reduction]
     #: error feedback (residual memory) is used with this compressor
     error_feedback: bool = False
+    #: the steps sent dense before this method starts when the user leaves ``dense_steps``
+    #: to its default (``None``); see each method's docstring for why it asks for them
+    default_dense_steps: ClassVar[int] = 0
 
     @abc.abstractmethod
     def compress(

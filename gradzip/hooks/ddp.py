@@ -105,7 +105,7 @@ class DDPHookState:
         sparse: str = "allgather",
         overlap: bool = True,
         verify: bool = False,
-        dense_steps: int = 0,
+        dense_steps: int | None = None,
         nonfinite: str = "propagate",
         optimizer: torch.optim.Optimizer | None = None,
         timeout: float | None = None,
@@ -142,11 +142,13 @@ class DDPHookState:
             if not isinstance(value, bool):
                 raise ValueError(f"{flag}={value!r}; expected True or False")
         # what the user tunes
-        self.compression: Compressor = comp
+        at_step = getattr(comp, "at_step", None)
+        self.compression: Compressor = comp if at_step is None else at_step(0)
         self.seed = seed  # stochastic compressors draw from derive_seed(seed, step, bucket, rank)
         self.gather = gather
         self.sparse = sparse
-        self.dense_steps = check_dense_steps(dense_steps)  # first steps: plain buckets
+        self.dense_steps = check_dense_steps(dense_steps, [comp])  # first steps: plain buckets
+        self.epoch: float | None = None  # set_epoch's; None: warm-ups count steps
         self.nonfinite = check_nonfinite(nonfinite)  # a NaN/Inf: reach every rank, or raise
         # switches
         self.overlap = overlap  # launch per bucket, complete all at the last bucket
@@ -201,6 +203,7 @@ class DDPHookState:
         """Tell epoch-dependent compressors (DGC's warm-up) the current epoch."""
         at_epoch = getattr(self.compression, "at_epoch", None)
         if at_epoch is not None:
+            self.epoch = float(epoch)
             self.compression = at_epoch(epoch)
 
     # -- the pipeline -------------------------------------------------------------------------
@@ -312,6 +315,9 @@ class DDPHookState:
             self._count_bytes()
         if last:
             self.step += 1
+            at_step = getattr(self.compression, "at_step", None)
+            if self.epoch is None and at_step is not None:
+                self.compression = at_step(self.step)
             self.counters["steps"] += 1
 
     def _finish_step(self) -> None:
@@ -408,7 +414,7 @@ def ddp_comm_hook(
     sparse: str = "allgather",
     overlap: bool = True,
     verify: bool = False,
-    dense_steps: int = 0,
+    dense_steps: int | None = None,
     nonfinite: str = "propagate",
     optimizer: torch.optim.Optimizer | None = None,
     timeout: float | None = None,
@@ -421,7 +427,9 @@ def ddp_comm_hook(
     SPARSE payloads (:func:`~gradzip.allreduce.strategies.strategy_for`); ``verify``: check
     that ranks agree on every bucket before it moves (one tiny allreduce per bucket);
     ``dense_steps``: the first that many iterations allreduce the plain buckets (no error
-    feedback), then compression starts, like torch's PowerSGD hook's ``start_powerSGD_iter``;
+    feedback), then compression starts, like torch's PowerSGD hook's ``start_powerSGD_iter``
+    (default None: what the compressor asks for, 150 steps for 1-bit, 0 for the others; DGC's
+    sparsity warm-up spans its ``warmup_steps`` unless ``state.set_epoch`` is called);
     ``nonfinite``: ``"propagate"`` (a NaN/Inf on any rank makes the bucket NaN everywhere, as
     DDP; GradScaler then skips the step) or ``"raise"``; ``optimizer``: the optimizer the
     model trains with, required for DGC (checked to have no momentum of its own);

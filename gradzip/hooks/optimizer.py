@@ -34,6 +34,7 @@ from gradzip.allreduce.fusion import DEFAULT_FUSION_BYTES
 from gradzip.compress.base import FLOAT_DTYPES, CompressionError, Compressor
 from gradzip.compress.dgc import DGC, check_optimizer
 from gradzip.compress.sfb import SFB
+from gradzip.hooks.momentum import MomentumCorrection, wants_correction
 from gradzip.hooks.pipeline import GradPipeline, Slot
 from gradzip.hooks.policy import DEFAULT_MIN_COMPRESS_NUMEL, DENSE, CompressionArg, make_policy
 from gradzip.hooks.sfb import FactorCapture, linear_weights
@@ -58,6 +59,7 @@ class _DistributedMixin:
     """The methods DistributedOptimizer adds to (or wraps on) the user's optimizer class."""
 
     _gz: GradPipeline
+    _gz_momentum: MomentumCorrection | None
     _gz_skip: bool
     _gz_synced: bool
     _gz_hooks: list[Any]
@@ -92,7 +94,10 @@ class _DistributedMixin:
             if self._gz.dirty:
                 self._gz.synchronize()
         self._gz_synced = False
-        return super().step(closure)  # type: ignore[misc]
+        if self._gz_momentum is None:
+            return super().step(closure)  # type: ignore[misc]
+        with self._gz_momentum.plain_step(cast(torch.optim.Optimizer, self)):
+            return super().step(closure)  # type: ignore[misc]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients; an error while gradients are still being communicated."""
@@ -255,9 +260,10 @@ def DistributedOptimizer(
     min_compress_numel: int = DEFAULT_MIN_COMPRESS_NUMEL,
     gather: str = "allgather",
     sparse: str = "allgather",
-    dense_steps: int = 0,
+    dense_steps: int | None = None,
     nonfinite: str = "propagate",
     timeout: float | None = None,
+    momentum_correction: bool | None = None,
 ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` so that ``step()`` uses gradients averaged (``op=Average``) or
     summed (``op=Sum``) over all ranks, sent compressed as ``compression`` says.
@@ -272,10 +278,18 @@ def DistributedOptimizer(
     :func:`gradzip.allreduce.strategies.strategy_for`. Parameters with ``requires_grad=False``
     when wrapping are never communicated. ``dense_steps``: the first that many steps send
     every gradient uncompressed (a dense allreduce, no error feedback); compression and error
-    feedback start after them, like torch's PowerSGD hook's ``start_powerSGD_iter``. Methods
-    that hold back most of the gradient (1-bit, top-k) are at their least stable in the first
-    steps, when the weights move fastest; DGC has its own sparsity warm-up (``set_epoch``), so
-    do not spend the same steps on both.
+    feedback start after them, like torch's PowerSGD hook's ``start_powerSGD_iter``. The
+    default (None) takes what the compressors ask for (``Compressor.default_dense_steps``):
+    150 for 1-bit, which is at its least stable in the first steps, 0 for the others (DGC has
+    its own sparsity warm-up). ``momentum_correction``: for ``torch.optim.SGD`` with momentum
+    and an error-feedback compressor (1-bit, top-k), the default (None) applies SGD's weight
+    decay and momentum on each rank *before* compression and steps the wrapped SGD without
+    them (Lin et al. 2018's momentum correction, :mod:`gradzip.hooks.momentum`): for dense
+    gradients the same update, for compressed ones an error is no longer amplified by the
+    momentum. ``p.grad`` then holds the averaged momentum-corrected update, not the averaged
+    gradient (clip through DGC's ``clip_norm``-style local clipping, or pass ``False``);
+    ``False`` leaves the momentum in the optimizer, ``True`` insists (an error where it cannot
+    apply).
 
     Gradients are reduced by the time the step's (last) ``backward()`` returns, so
     ``GradScaler.step(opt)``, clipping and checks see the reduced gradient. ``nonfinite``:
@@ -287,10 +301,11 @@ def DistributedOptimizer(
     makes every other rank raise a :class:`~gradzip.allreduce.backend.PeerLost` naming the
     collective and the bucket (default 5 minutes; a crashed peer is usually seen at once).
 
-    DGC: the wrapped optimizer must have no momentum, and its warm-up runs only if the loop
-    calls ``opt.set_epoch(epoch)`` at the start of every epoch (without it DGC sends its final
-    ``ratio`` from the first step). Checkpoints: ``state_dict()`` holds this rank's residuals;
-    save and load it on every rank.
+    DGC: the wrapped optimizer must have no momentum (DGC applies it itself); its warm-up
+    follows ``opt.set_epoch(epoch)`` when the loop calls it at the start of every epoch, and
+    otherwise spans the compressor's first ``warmup_steps`` (150) steps. Checkpoints:
+    ``state_dict()`` holds this rank's residuals (and SGD velocities under momentum
+    correction); save and load it on every rank.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -309,6 +324,7 @@ def DistributedOptimizer(
     slots = _slots(optimizer, names, compression, min_compress_numel, model, backend.size)
     if any(isinstance(s.compressor, DGC) for s in slots):
         check_optimizer(optimizer)
+    momentum = _momentum(optimizer, slots, momentum_correction)
     pipeline = GradPipeline(
         backend,
         slots,
@@ -320,16 +336,39 @@ def DistributedOptimizer(
         sparse=sparse,
         dense_steps=dense_steps,
         nonfinite=nonfinite,
+        momentum=momentum,
     )
     base = type(optimizer)
     cls: Any = type(base.__name__, (_DistributedMixin, base), {"__module__": base.__module__})
     wrapped = cls.__new__(cls)
     wrapped.__dict__.update(optimizer.__dict__)  # shares param_groups and state
     wrapped._gz, wrapped._gz_skip, wrapped._gz_synced = pipeline, False, False
+    wrapped._gz_momentum = momentum
     wrapped._gz_hooks = [
         s.param.register_post_accumulate_grad_hook(_hook(pipeline, i)) for i, s in enumerate(slots)
     ]
     return cast(torch.optim.Optimizer, wrapped)
+
+
+def _momentum(
+    optimizer: torch.optim.Optimizer, slots: list[Slot], correction: bool | None
+) -> MomentumCorrection | None:
+    """The momentum correction of ``momentum_correction=correction`` (None: automatic)."""
+    if correction is not None and not isinstance(correction, bool):
+        raise ValueError(f"momentum_correction={correction!r}; expected None, True or False")
+    if correction is False:
+        return None
+    why = wants_correction(optimizer)
+    sfb = [s.name for s in slots if isinstance(s.compressor, SFB)]
+    if why is None and sfb:
+        why = f"SFB sends factors, not gradients, for {sfb[:3]}"
+    if correction is None:
+        feedback = any(s.compressor.error_feedback for s in slots)
+        if why is not None or not feedback:
+            return None
+    elif why is not None:
+        raise ValueError(f"momentum_correction=True cannot be applied: {why}")
+    return MomentumCorrection(optimizer, [s.name for s in slots], [s.param for s in slots])
 
 
 def _hook(pipeline: GradPipeline, i: int) -> Callable[[torch.Tensor], None]:

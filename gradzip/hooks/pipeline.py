@@ -48,6 +48,7 @@ from gradzip.compress import kernels
 from gradzip.compress.base import CompressionError, Compressor, Reduction, derive_seed
 from gradzip.compress.memory import NoMemory
 from gradzip.compress.sfb import SFB, sfb_pays
+from gradzip.hooks.momentum import MomentumCorrection
 from gradzip.hooks.policy import DENSE, check_dense_steps
 from gradzip.hooks.sfb import FactorCapture
 
@@ -130,11 +131,12 @@ class GradPipeline:
         passes_per_step: int,
         gather: str = "allgather",
         sparse: str = "allgather",
-        dense_steps: int = 0,
+        dense_steps: int | None = None,
         nonfinite: str = "propagate",
+        momentum: MomentumCorrection | None = None,
     ) -> None:
         plan_buckets([], fusion_bytes)  # validates fusion_bytes
-        self.dense_steps = check_dense_steps(dense_steps)
+        self.dense_steps = check_dense_steps(dense_steps, [s.compressor for s in slots])
         self.nonfinite = check_nonfinite(nonfinite)
         self.backend = backend
         self.slots = slots
@@ -146,12 +148,14 @@ class GradPipeline:
         self.settings = {
             "fusion_bytes": fusion_bytes,
             "backward_passes_per_step": passes_per_step,
-            "dense_steps": dense_steps,
+            "dense_steps": self.dense_steps,
             "nonfinite": nonfinite,
             "op": "average" if average else "sum",
             "gather": gather,
             "sparse": sparse,
+            "momentum_correction": momentum is not None,
         }
+        self.momentum = momentum  # SGD's momentum, applied before compression (or None)
         self.step = 0  # synchronizations done (part of every stochastic compressor's seed)
         self.epoch: float | None = None
         self.streams: list[Stream] = []
@@ -175,6 +179,7 @@ class GradPipeline:
         self.snapshots: dict[int, Any] = {}  # slot -> memory kept aside by a fused step
         self.backwards = 0  # backward passes finished since the last synchronize
         self._queued = False  # the end-of-backward callback is queued
+        self._schedule()
 
     # ------------------------------------------------------------------ the plan
     def _sfb_decisions(self) -> dict[int, bool]:
@@ -237,7 +242,18 @@ class GradPipeline:
         with self._naming("comparing the optimizer's plan across ranks"):
             check_consistent(self.backend, items, f"DistributedOptimizer {config}")
 
+    def _schedule(self) -> None:
+        """Compressors with a warm-up counted in steps (DGC's, while the loop never called
+        ``set_epoch``) take this step's setting."""
+        if self.epoch is not None:
+            return
+        for st in self.streams:
+            at_step = getattr(st.base, "at_step", None)
+            if at_step is not None:
+                st.compressor = at_step(self.step)
+
     def _reset(self) -> None:
+        self._schedule()
         assert self.buckets is not None
         self.pending = [len(b) for b in self.buckets]
         self.launched = []
@@ -310,7 +326,9 @@ class GradPipeline:
         s = self.slots[i]
         g = s.param.grad if s.passes > 0 else None
         if g is None or (bad and not passthrough):
-            return torch.zeros_like(s.param)
+            g = torch.zeros_like(s.param)
+        if self.momentum is not None:
+            return self.momentum.apply(i, g)
         return g
 
     def _entry(self, i: int, bad: bool) -> Entry:
@@ -425,6 +443,8 @@ class GradPipeline:
                 else:
                     self._write(i, entry, red, feedback=not done.dense)
                     done.strategy.settle(entry.key, keep=True)
+                    if self.momentum is not None:
+                        self.momentum.commit(i)
                     if i in self.snapshots:  # the fused step counted
                         s = self.slots[i]
                         s.memory.release(s.name, self.snapshots.pop(i))
@@ -435,6 +455,8 @@ class GradPipeline:
         """Leave slot ``i``'s error-feedback state (and its strategy's) as before this step."""
         s = self.slots[i]
         done.strategy.settle(s.name, keep=False)
+        if self.momentum is not None:
+            self.momentum.discard(i)
         if i in self.snapshots:
             s.memory.restore(s.name, self.snapshots.pop(i))
         else:
@@ -484,6 +506,7 @@ class GradPipeline:
             "step": self.step,
             "epoch": self.epoch,
             "memories": {s.name: s.memory.state_dict() for s in self.slots},
+            "momentum": None if self.momentum is None else self.momentum.state_dict(),
             "strategies": [
                 {"spec": st.base.spec(), "state": st.strategy.state_dict()} for st in self.streams
             ],
@@ -498,6 +521,14 @@ class GradPipeline:
                 f"the checkpoint was written with compressors {saved}, this optimizer uses "
                 f"{specs}; build the optimizer with the same compression= argument"
             )
+        if "momentum" in state and (state["momentum"] is None) != (self.momentum is None):
+            on = "applies" if self.momentum is not None else "does not apply"
+            raise ValueError(
+                "the checkpoint was written with momentum_correction "
+                f"{'off' if state['momentum'] is None else 'on'}, this optimizer {on} it; build "
+                "the optimizer with the same momentum_correction= (the SGD velocities live in "
+                "the 'gradzip' entry when it is on)"
+            )
         names = {s.name for s in self.slots}
         if set(state["memories"]) != names:
             diff = sorted(set(state["memories"]) ^ names)
@@ -509,6 +540,9 @@ class GradPipeline:
             s.memory.load_state_dict(state["memories"][s.name])
         for st, x in zip(self.streams, state["strategies"], strict=True):
             st.strategy.load_state_dict(x["state"])
+        if self.momentum is not None and state.get("momentum") is not None:
+            self.momentum.load_state_dict(state["momentum"])
         self.step = int(state["step"])
         if state["epoch"] is not None:
             self.set_epoch(state["epoch"])
+        self._schedule()

@@ -16,7 +16,8 @@ from benchmarks.accuracy_tasks import read_play
 
 METHODS = ("none", "onebit:columns=False", "topk:ratio=0.01")
 TINY = ["--workers", "2", "--steps", "6", "--batch-size", "8", "--warmup-steps", "2",
-        "--train-limit", "256", "--test-limit", "200", "--methods", " ".join(METHODS)]  # fmt: skip
+        "--train-limit", "256", "--test-limit", "200", "--dense-steps", "0",
+        "--methods", " ".join(METHODS)]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +39,11 @@ def test_tiny_run_writes_a_row_per_method(tiny_run: tuple[int, Path]) -> None:
     assert [r[0] for r in rows[1:]] == ["none (gradzip dense allreduce)", "onebit (flat buckets)",
                                         "topk 1% + EF"]  # fmt: skip
     for r in rows[1:]:
-        acc, ratio, per_step, wall = float(r[1]), float(r[3]), float(r[4]), float(r[5])
+        acc, ratio, per_step, wall = float(r[1]), float(r[4]), float(r[6]), float(r[7])
         assert 0.0 <= acc <= 100.0 and math.isfinite(acc)
-        assert per_step > 0 and wall > 0
+        assert per_step > 0 and wall > 0 and r[2] == "one seed"
         if r[0].startswith("none"):
-            assert float(r[2]) == 0.0
+            assert float(r[3]) == 0.0
             assert ratio == pytest.approx(1.0, rel=1e-3)  # dense fp32 + a few flag bytes
         else:
             assert ratio > 1.5, r  # measured from the byte counters, so compression shows
@@ -60,37 +61,52 @@ def test_unknown_method_is_rejected_before_launch(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
-def _record(final: float, step_bytes: list[int]) -> dict:
+def _record(final: float, step_bytes: list[int], warmup: int = 0) -> dict:
     return {"final": final, "dense_bytes": 1000, "step_bytes": step_bytes, "train_s": 1.0,
-            "curve": [(1, final, 1.0)], "losses": [1.0]}  # fmt: skip
+            "curve": [(1, final, 1.0)], "losses": [1.0], "warmup": warmup}  # fmt: skip
 
 
 def test_rows_gap_ratio_and_targets() -> None:
     records = {
-        "none": _record(0.80, [1000] * 4),
-        "onebit": _record(0.797, [5000, 30, 30, 30]),  # 0.3 pp worse; ratio 33x after step 1
-        "dgc:ratio=0.001": _record(0.79, [1000, 4, 4, 4]),  # 1 pp worse: misses accuracy
-        "topk:ratio=0.01,error_feedback=False": _record(0.70, [20] * 4),
-        "sfb": _record(0.80, [100] * 4),
+        "none": [_record(0.80, [1000] * 4)],
+        # 0.3 pp worse; ratio 1000/30 after its one warm-up step, 4000/5090 over the run
+        "onebit": [_record(0.797, [5000, 30, 30, 30], warmup=1)],
+        "dgc:ratio=0.001": [_record(0.79, [1000, 4, 4, 4], warmup=1)],  # 1 pp worse
+        "topk:ratio=0.01,error_feedback=False": [_record(0.70, [20] * 4)],
+        "sfb": [_record(0.80, [100] * 4)],
     }
     methods = [*records, "hvd-fp16"]
-    rows = build_rows("cnn", records, methods, 1, {"hvd-fp16": "not run"}, accuracy=True)
+    rows = build_rows("cnn", records, methods, {"hvd-fp16": "not run"}, accuracy=True)
     by = {m: r for m, r in zip(methods, rows, strict=True)}
-    assert by["onebit"][2] == pytest.approx(-0.3)
-    assert by["onebit"][3] == pytest.approx(1000 / 30)
-    assert by["onebit"][7] == "yes"
-    assert by["dgc:ratio=0.001"][3] == pytest.approx(250.0) and by["dgc:ratio=0.001"][7] == "NO"
-    assert by["topk:ratio=0.01,error_feedback=False"][7] == "yes"  # visibly worse, as it must
-    assert by["sfb"][7] == "yes"
-    assert by["none"][7] == "-" and math.isnan(by["hvd-fp16"][1]) and by["hvd-fp16"][7] == "not run"
+    assert HEADERS[3] == "gap to none" and HEADERS[4] == "ratio" and HEADERS[-1] == "met"
+    assert by["onebit"][2] == "one seed"
+    assert by["onebit"][3] == pytest.approx(-0.3)
+    assert by["onebit"][4] == pytest.approx(1000 / 30)
+    assert by["onebit"][5] == pytest.approx(4000 / 5090)
+    assert by["onebit"][9] == "yes"
+    assert by["dgc:ratio=0.001"][4] == pytest.approx(250.0) and by["dgc:ratio=0.001"][9] == "NO"
+    assert by["topk:ratio=0.01,error_feedback=False"][9] == "yes"  # visibly worse, as it must
+    assert by["sfb"][9] == "yes"
+    assert by["none"][9] == "-" and math.isnan(by["hvd-fp16"][1]) and by["hvd-fp16"][9] == "not run"
+
+
+def test_rows_over_seeds_take_the_mean_and_show_the_spread() -> None:
+    records = {
+        "none": [_record(0.80, [1000] * 2), _record(0.82, [1000] * 2)],
+        "topk:ratio=0.01": [_record(0.78, [10] * 2), _record(0.81, [10] * 2)],
+    }
+    rows = build_rows("cnn", records, list(records), {}, accuracy=True)
+    assert rows[1][1] == pytest.approx(79.5) and rows[1][2] == "78-81"
+    assert rows[1][3] == pytest.approx(-1.5)  # mean 79.5 against mean 81
+    assert rows[1][9] == "NO"
 
 
 def test_bits_per_char_targets_count_lower_as_better() -> None:
     t = Target("within", 0.05)
     assert t.met(0.04, 1.0) and not t.met(0.06, 1.0) and t.met(-0.5, 1.0)
-    records = {"none": _record(2.00, [1] * 3), "dgc:ratio=0.001": _record(2.04, [1] * 3)}
-    rows = build_rows("shakespeare", records, list(records), 0, {}, accuracy=False)
-    assert rows[1][2] == pytest.approx(0.04) and rows[1][7] == "yes"
+    records = {"none": [_record(2.00, [1] * 3)], "dgc:ratio=0.001": [_record(2.04, [1] * 3)]}
+    rows = build_rows("shakespeare", records, list(records), {}, accuracy=False)
+    assert rows[1][3] == pytest.approx(0.04) and rows[1][9] == "yes"
 
 
 def test_read_play_strips_markdown(tmp_path: Path) -> None:

@@ -45,6 +45,7 @@ def _pair(backend: Backend, op: Any = gradzip.Average, **kw: Any) -> tuple[Net, 
     torch.manual_seed(0)
     ref = Net()
     base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    kw.setdefault("momentum_correction", False)  # the reference runs SGD's own momentum
     opt = gradzip.DistributedOptimizer(
         base, model.named_parameters(), backend=backend, op=op, fusion_bytes=512, **kw
     )

@@ -34,7 +34,9 @@ SPECS = {
 }
 
 
-def _build(backend: Backend, name: str, init_seed: int) -> tuple[Net, Any]:
+def _build(
+    backend: Backend, name: str, init_seed: int, correction: bool | None = None
+) -> tuple[Net, Any]:
     spec, kw = SPECS[name]
     torch.manual_seed(init_seed)
     model = Net()
@@ -47,6 +49,7 @@ def _build(backend: Backend, name: str, init_seed: int) -> tuple[Net, Any]:
         backend=backend,
         min_compress_numel=64,
         seed=7,
+        momentum_correction=correction,
         **kw,
     )
     opt.set_epoch(0)
@@ -92,11 +95,13 @@ def _resumed(backend: Backend, folder: str, names: list[str]) -> dict[str, Any]:
         _steps(backend, model, opt, range(K, K + M))
         out[name] = flat(model)
     # broadcast helpers: rank-dependent init and optimizer state become rank 0's
-    model, opt = _build(backend, "topk", init_seed=10 + backend.rank)
+    # (momentum left in the optimizer, so that its momentum buffers are what is broadcast)
+    model, opt = _build(backend, "topk", init_seed=10 + backend.rank, correction=False)
     gradzip.broadcast_parameters(model.state_dict(), root_rank=0, backend=backend)
     out["bcast_params"] = flat(model)
-    if backend.rank == 0:
-        opt.load_state_dict(torch.load(_path(folder, "topk", 0), weights_only=True)["opt"])
+    _steps(backend, model, opt, range(1))  # every rank now has momentum buffers
+    for s in opt.state.values():  # ... made to differ from rank to rank
+        s["momentum_buffer"].add_(float(backend.rank + 1))
     residuals = opt.state_dict()["gradzip"]["memories"]
     gradzip.broadcast_optimizer_state(opt, root_rank=0)
     after = opt.state_dict()
