@@ -130,7 +130,7 @@ def test_on_by_default_for_sgd_momentum_with_error_feedback_only() -> None:
 
 def test_forcing_it_where_it_cannot_apply_names_why() -> None:
     model = _model()
-    with pytest.raises(ValueError, match="torch.optim.SGD, and this optimizer is Adam"):
+    with pytest.raises(ValueError, match=r"torch\.optim\.SGD, and this optimizer is Adam"):
         _wrap(model, torch.optim.Adam(model.parameters()), momentum_correction=True)
     with pytest.raises(ValueError, match="maximize=True"):
         _wrap(
