@@ -280,16 +280,16 @@ def DistributedOptimizer(
     every gradient uncompressed (a dense allreduce, no error feedback); compression and error
     feedback start after them, like torch's PowerSGD hook's ``start_powerSGD_iter``. The
     default (None) takes what the compressors ask for (``Compressor.default_dense_steps``):
-    150 for 1-bit, which is at its least stable in the first steps, 0 for the others (DGC has
-    its own sparsity warm-up). ``momentum_correction``: for ``torch.optim.SGD`` with momentum
-    and an error-feedback compressor (1-bit, top-k), the default (None) applies SGD's weight
-    decay and momentum on each rank *before* compression and steps the wrapped SGD without
-    them (Lin et al. 2018's momentum correction, :mod:`gradzip.hooks.momentum`): for dense
-    gradients the same update, for compressed ones an error is no longer amplified by the
-    momentum. ``p.grad`` then holds the averaged momentum-corrected update, not the averaged
-    gradient (clip through DGC's ``clip_norm``-style local clipping, or pass ``False``);
-    ``False`` leaves the momentum in the optimizer, ``True`` insists (an error where it cannot
-    apply).
+    150 for 1-bit and top-k, which hold back most of the gradient and are at their least
+    stable in the first steps, 0 for the others (DGC has its own sparsity warm-up).
+    ``momentum_correction``: for ``torch.optim.SGD`` with momentum and an error-feedback
+    compressor (1-bit, top-k), the default (None) applies SGD's weight decay and momentum on
+    each rank *before* compression and steps the wrapped SGD without them (the momentum
+    correction of Lin et al. 2018, :mod:`gradzip.hooks.momentum`): for dense gradients the
+    same update, for compressed ones an error is no longer amplified by the momentum.
+    ``p.grad`` then holds the averaged momentum-corrected update, not the averaged gradient
+    (so clipping it clips the update); ``False`` leaves the momentum in the optimizer,
+    ``True`` insists (an error where it cannot apply).
 
     Gradients are reduced by the time the step's (last) ``backward()`` returns, so
     ``GradScaler.step(opt)``, clipping and checks see the reduced gradient. ``nonfinite``:
