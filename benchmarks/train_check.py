@@ -107,7 +107,7 @@ def _train(
         ddp = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=0.01
         )
-        state = DDPHookState(spec, backend=backend, optimizer=base, **kw)  # type: ignore[arg-type]
+        state = DDPHookState(spec, backend=backend, optimizer=base, **{"dense_steps": 0, **kw})  # type: ignore[arg-type]
         ddp.register_comm_hook(state, compressed_hook)
         opt: Any = base
         forward = ddp
@@ -118,6 +118,7 @@ def _train(
         opt = gradzip.DistributedOptimizer(
             base, model.named_parameters(), compression=spec, backend=backend, model=model,
             min_compress_numel=0, fusion_bytes=8192, **kw,
+            dense_steps=0,
         )  # fmt: skip
 
         def snap() -> Any:

@@ -70,7 +70,7 @@ def _train(backend: Backend, spec: str, kw: dict[str, Any]) -> torch.Tensor:
     opt = gradzip.DistributedOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum),
         model.named_parameters(), compression=spec, backend=backend, model=model,
-        min_compress_numel=0, fusion_bytes=4096, **kw,
+        min_compress_numel=0, fusion_bytes=4096, **{"dense_steps": 0, **kw},
     )  # fmt: skip
     gradzip.broadcast_parameters(model.state_dict(), backend=backend)
     gradzip.broadcast_optimizer_state(opt, backend=backend)
@@ -93,7 +93,8 @@ def _ddp(backend: Backend, spec: str) -> torch.Tensor:
     model = nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     ddp = DistributedDataParallel(model, bucket_cap_mb=0.004)
-    ddp.register_comm_hook(DDPHookState(spec, backend=backend, optimizer=opt), compressed_hook)
+    state = DDPHookState(spec, backend=backend, optimizer=opt, dense_steps=0)
+    ddp.register_comm_hook(state, compressed_hook)
     gen = torch.Generator().manual_seed(backend.rank)
     for _ in range(STEPS):
         opt.zero_grad()

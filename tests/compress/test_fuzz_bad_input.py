@@ -179,4 +179,5 @@ def test_the_optimizer_names_a_parameter_it_cannot_reduce(dtype: torch.dtype) ->
         gradzip.DistributedOptimizer(
             torch.optim.SGD([good, bad], lr=0.1), [("good", good), ("bad", bad)],
             backend=LocalBackend(),
+            dense_steps=0,
         )  # fmt: skip

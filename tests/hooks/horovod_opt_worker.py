@@ -34,7 +34,7 @@ def train(wrap: str) -> tuple[torch.Tensor, list[str], str]:
         opt = hvd.DistributedOptimizer(base, named_parameters=model.named_parameters())
     else:
         opt = gradzip.DistributedOptimizer(
-            base, model.named_parameters(), compression=wrap, fusion_bytes=512
+            base, model.named_parameters(), compression=wrap, fusion_bytes=512, dense_steps=0
         )
     digests = []
     for step in range(STEPS):

@@ -87,6 +87,7 @@ def main() -> None:
         torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum),
         model.named_parameters(), compression=args.compression, backend=backend,
         min_compress_numel=0, fusion_bytes=4096,
+        dense_steps=0,
     )  # fmt: skip
     start = 0
     if args.checkpoint_every:

@@ -130,6 +130,7 @@ def _optimizer(backend: Backend, spec: str, kw: dict[str, Any]) -> dict[str, Any
         torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum),
         model.named_parameters(), compression=spec, backend=backend, model=model,
         min_compress_numel=0, fusion_bytes=8192, **kw,
+        dense_steps=0,
     )  # fmt: skip
 
     def snap() -> Any:  # the error-feedback state (not the step counter, which moves on)
@@ -150,7 +151,7 @@ def _ddp(backend: Backend, spec: str | None, kw: dict[str, Any]) -> dict[str, An
     ddp = DistributedDataParallel(model, bucket_cap_mb=0.01)
     state = None
     if spec is not None:
-        state = DDPHookState(spec, backend=backend, optimizer=opt, **kw)
+        state = DDPHookState(spec, backend=backend, optimizer=opt, **{"dense_steps": 0, **kw})
         ddp.register_comm_hook(state, compressed_hook)
 
     def snap() -> Any:

@@ -58,7 +58,7 @@ def _ddp(model: nn.Module, spec: str | None, **kw: Any) -> tuple[Any, DDPHookSta
     ddp = DistributedDataParallel(model, bucket_cap_mb=0.01)
     if spec is None:
         return ddp, None
-    state, hook = gradzip.ddp_comm_hook(spec, **kw)
+    state, hook = gradzip.ddp_comm_hook(spec, **{"dense_steps": 0, **kw})
     ddp.register_comm_hook(state, hook)
     return ddp, state
 
@@ -234,7 +234,7 @@ def _params(seed: int, *sizes: int) -> list[torch.Tensor]:
 
 
 def test_rebuild_carries_residuals_per_parameter() -> None:
-    state = DDPHookState("topk:ratio=0.1", backend=LocalBackend())
+    state = DDPHookState("topk:ratio=0.1", backend=LocalBackend(), dense_steps=0)
     p1, p2, p3 = _params(0, 30, 20, 10)
     compressed_hook(state, FakeBucket(0, [p1, p2, p3], last=True)).wait()  # type: ignore[arg-type]
     r1, r2, r3 = state.memory.memory.residuals[0].split([30, 20, 10])
@@ -250,7 +250,7 @@ def test_rebuild_carries_residuals_per_parameter() -> None:
 
 def test_futures_complete_at_the_last_bucket() -> None:
     for overlap in (True, False):
-        state = DDPHookState("none", backend=LocalBackend(), overlap=overlap)
+        state = DDPHookState("none", backend=LocalBackend(), overlap=overlap, dense_steps=0)
         p1, p2 = _params(1, 5, 7)
         first = compressed_hook(state, FakeBucket(0, [p1], last=False))  # type: ignore[arg-type]
         assert first.done() is (not overlap)
@@ -274,7 +274,7 @@ def test_dense_steps_send_plain_buckets_then_start_feedback() -> None:
 
 
 def test_state_pickles_without_its_process_group() -> None:
-    state = DDPHookState("topk:ratio=0.2", process_group=threading.Lock())  # type: ignore[arg-type]
+    state = DDPHookState("topk:ratio=0.2", process_group=threading.Lock(), dense_steps=0)  # type: ignore[arg-type]
     state._backend = LocalBackend()
     p1, p2 = _params(2, 40, 8)
     compressed_hook(state, FakeBucket(0, [p1, p2], last=True))  # type: ignore[arg-type]
@@ -297,7 +297,7 @@ def test_state_pickles_without_its_process_group() -> None:
 
 def test_sfb_and_bad_options_fail_clearly() -> None:
     with pytest.raises(CompressionError, match="DistributedOptimizer"):
-        gradzip.ddp_comm_hook("sfb")
+        gradzip.ddp_comm_hook("sfb", dense_steps=0)
     for kw, word in (
         ({"gather": "ring"}, "gather='ring'"),
         ({"sparse": "dense"}, "sparse='dense'"),
@@ -308,14 +308,14 @@ def test_sfb_and_bad_options_fail_clearly() -> None:
         with pytest.raises(ValueError, match=word):
             DDPHookState("topk", backend=LocalBackend(), **kw)
     with pytest.raises(ValueError, match="unknown compressor"):
-        DDPHookState("zip", backend=LocalBackend())
+        DDPHookState("zip", backend=LocalBackend(), dense_steps=0)
 
 
 def test_nan_bucket_reaches_the_result_and_leaves_the_memory() -> None:
     """Default: no exception; the NaN bucket completes as NaN, the other as usual, and no
     bucket's memory moves in that step (every rank skips it). With nonfinite='raise' every
     pending future fails."""
-    state = DDPHookState("topk:ratio=0.5", backend=LocalBackend(), overlap=False)
+    state = DDPHookState("topk:ratio=0.5", backend=LocalBackend(), overlap=False, dense_steps=0)
     p1, p2 = _params(5, 6, 6)
     first = compressed_hook(state, FakeBucket(0, [p1], last=False))  # type: ignore[arg-type]
     p2.grad[3] = float("inf")  # type: ignore[index]
@@ -333,7 +333,9 @@ def test_nan_bucket_reaches_the_result_and_leaves_the_memory() -> None:
     after = state.memory.memory.residuals
     assert all(torch.equal(after[k], before[k]) for k in before)  # as they were
 
-    strict = DDPHookState("topk:ratio=0.5", backend=LocalBackend(), nonfinite="raise")
+    strict = DDPHookState(
+        "topk:ratio=0.5", backend=LocalBackend(), nonfinite="raise", dense_steps=0
+    )
     q1, q2 = _params(5, 6, 6)
     first = compressed_hook(strict, FakeBucket(0, [q1], last=False))  # type: ignore[arg-type]
     q2.grad[3] = float("nan")  # type: ignore[index]
@@ -343,18 +345,22 @@ def test_nan_bucket_reaches_the_result_and_leaves_the_memory() -> None:
         first.wait()
     assert not strict.memory.memory.residuals
     with pytest.raises(ValueError, match="nonfinite='skip'"):
-        DDPHookState("none", backend=LocalBackend(), nonfinite="skip")
+        DDPHookState("none", backend=LocalBackend(), nonfinite="skip", dense_steps=0)
 
 
 def test_dgc_needs_the_optimizer_to_check_its_momentum() -> None:
     model = nn.Linear(4, 4)
     with pytest.raises(CompressionError, match="optimizer="):
-        DDPHookState("dgc", backend=LocalBackend())
+        DDPHookState("dgc", backend=LocalBackend(), dense_steps=0)
     with pytest.raises(ValueError, match="momentum"):
         DDPHookState(
             "dgc", backend=LocalBackend(),
             optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+            dense_steps=0,
         )  # fmt: skip
     DDPHookState(
-        "dgc", backend=LocalBackend(), optimizer=torch.optim.SGD(model.parameters(), lr=0.1)
+        "dgc",
+        backend=LocalBackend(),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        dense_steps=0,
     )

@@ -44,11 +44,13 @@ def _train(backend: Backend, where: str, spec: str, hook: bool, stamp: str) -> d
         from gradzip.hooks.ddp import DDPHookState, compressed_hook
 
         forward = DistributedDataParallel(model, bucket_cap_mb=0.005)
-        forward.register_comm_hook(DDPHookState(spec, backend=backend), compressed_hook)
+        state = DDPHookState(spec, backend=backend, dense_steps=0)
+        forward.register_comm_hook(state, compressed_hook)
     else:
         opt = gradzip.DistributedOptimizer(
             opt, model.named_parameters(), compression=spec, backend=backend,
             min_compress_numel=0, fusion_bytes=4096,
+            dense_steps=0,
         )  # fmt: skip
     step = [0]
     if backend.rank == VICTIM:
@@ -115,10 +117,10 @@ def _silent_peer(backend: Backend, hook: bool) -> dict[str, Any]:
         from torch.nn.parallel import DistributedDataParallel
 
         forward = DistributedDataParallel(model, bucket_cap_mb=0.005)
-        forward.register_comm_hook(*gradzip.ddp_comm_hook("onebit", timeout=2.0))
+        forward.register_comm_hook(*gradzip.ddp_comm_hook("onebit", timeout=2.0, dense_steps=0))
     else:
         opt = gradzip.DistributedOptimizer(
-            opt, model.named_parameters(), compression="onebit", timeout=2.0
+            opt, model.named_parameters(), compression="onebit", timeout=2.0, dense_steps=0
         )
     if backend.rank == 1:
         time.sleep(8)

@@ -75,7 +75,7 @@ class Net(nn.Module):
 
 def _optimizer(backend: Backend, case: str) -> str:
     mine = OPT_CASES[case][backend.rank]
-    kw = {"compression": "onebit", "fusion_bytes": 4096, **mine}
+    kw = {"compression": "onebit", "fusion_bytes": 4096, "dense_steps": 0, **mine}
     extra, dtype = kw.pop("extra", False), kw.pop("dtype", torch.float32)
     model = Net(extra).to(dtype)
     opt = gradzip.DistributedOptimizer(
@@ -98,7 +98,8 @@ def _hook(backend: Backend, case: str) -> str:
     kw = {"compression": "onebit", **mine}
     dtype = kw.pop("dtype", torch.float32)
     model = DistributedDataParallel(Net(False).to(dtype), bucket_cap_mb=0.01)
-    model.register_comm_hook(DDPHookState(backend=backend, **kw), compressed_hook)
+    state = DDPHookState(backend=backend, **{"dense_steps": 0, **kw})
+    model.register_comm_hook(state, compressed_hook)
     for _ in range(3):
         model(torch.randn(8, 16, dtype=dtype)).square().mean().backward()
     return "no error"

@@ -46,6 +46,7 @@ def _pair(backend: Backend, op: Any = gradzip.Average, **kw: Any) -> tuple[Net, 
     ref = Net()
     base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     kw.setdefault("momentum_correction", False)  # the reference runs SGD's own momentum
+    kw.setdefault("dense_steps", 0)  # compressed from the first step
     opt = gradzip.DistributedOptimizer(
         base, model.named_parameters(), backend=backend, op=op, fusion_bytes=512, **kw
     )
@@ -160,6 +161,7 @@ def _misuse(backend: Backend) -> dict[str, Any]:
     acc = gradzip.DistributedOptimizer(
         torch.optim.SGD(acc_model.parameters(), lr=0.1), acc_model.named_parameters(),
         backend=backend, backward_passes_per_step=2,
+        dense_steps=0,
     )  # fmt: skip
     loss_of(acc_model, *batch(0, backend.rank)).backward()  # 1 of 2: still accumulating
     try:

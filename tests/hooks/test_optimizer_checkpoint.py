@@ -51,6 +51,7 @@ def _build(
         seed=7,
         momentum_correction=correction,
         **kw,
+        dense_steps=0,
     )
     opt.set_epoch(0)
     return model, opt

@@ -24,7 +24,7 @@ def _model() -> nn.Module:
 def _wrap(model: nn.Module, **kw: Any) -> Any:
     base = torch.optim.Adam(model.parameters(), lr=1e-2)
     return gradzip.DistributedOptimizer(
-        base, model.named_parameters(), backend=LocalBackend(), **kw
+        base, model.named_parameters(), backend=LocalBackend(), **{"dense_steps": 0, **kw}
     )
 
 
@@ -68,15 +68,17 @@ def test_argument_checks() -> None:
             torch.optim.SGD(model.parameters(), lr=0.1),
             list(model.named_parameters())[:-1],
             backend=LocalBackend(),
+            dense_steps=0,
         )
     with pytest.raises(ValueError, match="DGC applies momentum itself"):
         gradzip.DistributedOptimizer(
             torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
             compression="dgc",
             backend=LocalBackend(),
+            dense_steps=0,
         )
     with pytest.raises(ValueError, match="already a gradzip DistributedOptimizer"):
-        gradzip.DistributedOptimizer(_wrap(model), backend=LocalBackend())
+        gradzip.DistributedOptimizer(_wrap(model), backend=LocalBackend(), dense_steps=0)
 
 
 def test_no_engine_is_a_clear_error() -> None:
@@ -91,7 +93,9 @@ def test_subclass_of_the_users_optimizer_and_its_subclasses() -> None:
             return super().step(closure)
 
     model = _model()
-    opt = gradzip.DistributedOptimizer(MyAdam(model.parameters(), lr=1e-2), backend=LocalBackend())
+    opt = gradzip.DistributedOptimizer(
+        MyAdam(model.parameters(), lr=1e-2), backend=LocalBackend(), dense_steps=0
+    )
     assert isinstance(opt, MyAdam) and type(opt).__name__ == "MyAdam"
     model(torch.randn(3, 40)).sum().backward()
     opt.step()
@@ -128,6 +132,7 @@ def test_a_checkpoint_of_another_rank_world_or_compressor_is_refused_whole() -> 
             torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
             model.named_parameters(), compression=spec, backend=LocalBackend(),
             min_compress_numel=0,
+            dense_steps=0,
         )  # fmt: skip
         for _ in range(2):
             opt.zero_grad()

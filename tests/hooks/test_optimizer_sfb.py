@@ -60,6 +60,7 @@ def _train(backend: Backend, compression: Any, passes: int = 1, amp: bool = Fals
         model=model,
         backward_passes_per_step=passes,
         min_compress_numel=0,
+        dense_steps=0,
     )
     before = backend.stats.bytes_sent
     same = []
@@ -80,7 +81,11 @@ def _tied(backend: Backend) -> str:
     torch.manual_seed(0)
     model = Wide(tied=True)
     opt = gradzip.DistributedOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1), compression="sfb", backend=backend, model=model
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        compression="sfb",
+        backend=backend,
+        model=model,
+        dense_steps=0,
     )
     x, y = _data(0, backend.rank)
     try:
@@ -151,6 +156,7 @@ def test_sfb_needs_the_model() -> None:
             model.named_parameters(),
             compression="sfb",
             backend=LocalBackend(),
+            dense_steps=0,
         )
 
 
@@ -162,6 +168,7 @@ def test_sfb_never_pays_in_a_world_of_one() -> None:
         backend=LocalBackend(),
         model=model,
         min_compress_numel=0,
+        dense_steps=0,
     )
     (model(torch.randn(2, 2, 64)).sum()).backward()
     opt.step()

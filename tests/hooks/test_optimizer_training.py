@@ -54,6 +54,7 @@ def _train(backend: Backend, data: Any, names: list[str]) -> dict[str, Any]:
             compression=spec,
             backend=backend,
             **kw,
+            dense_steps=0,
         )
         same = []
         for step in range(STEPS):

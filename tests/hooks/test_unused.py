@@ -65,7 +65,7 @@ def _run(backend: Backend, spec: str, kw: dict[str, Any], zero: bool) -> dict[st
     opt = gradzip.DistributedOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum),
         model.named_parameters(), compression=spec, backend=backend,
-        min_compress_numel=0, fusion_bytes=4096, **kw,
+        min_compress_numel=0, fusion_bytes=4096, **{"dense_steps": 0, **kw},
     )  # fmt: skip
     gen = torch.Generator().manual_seed(backend.rank)
     for uses in USES:

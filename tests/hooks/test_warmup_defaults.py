@@ -1,0 +1,107 @@
+"""The warm-ups a user gets without asking: dense steps from the compressors, DGC's sparsity
+warm-up counted in steps when the loop never calls ``set_epoch``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import gradzip
+from gradzip.allreduce.backend import LocalBackend
+from gradzip.compress.dgc import DGC
+from gradzip.hooks.ddp import DDPHookState
+from gradzip.hooks.policy import check_dense_steps
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+
+
+def _wrap(compression: Any, momentum: float = 0.9, **kw: Any) -> Any:
+    model = _model()
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
+    return model, gradzip.DistributedOptimizer(
+        base, model.named_parameters(), compression=compression, backend=LocalBackend(), **kw
+    )
+
+
+@pytest.mark.parametrize(
+    ("compression", "steps"),
+    [
+        ("none", 0),
+        ("fp16", 0),
+        ("qsgd", 0),
+        ("terngrad", 0),
+        ("onebit", 150),
+        ("topk:ratio=0.1", 150),
+        ({"0.weight": "onebit", "2.weight": "qsgd"}, 150),  # the most any of them asks for
+    ],
+)
+def test_dense_steps_default_comes_from_the_compressors(compression: Any, steps: int) -> None:
+    _, opt = _wrap(compression)
+    assert opt._gz.dense_steps == steps
+    _, explicit = _wrap(compression, dense_steps=7)
+    assert explicit._gz.dense_steps == 7
+    assert DDPHookState(
+        compression if isinstance(compression, str) else "onebit", backend=LocalBackend()
+    ).dense_steps == (steps if isinstance(compression, str) else 150)
+
+
+def test_dense_steps_errors_name_the_value() -> None:
+    with pytest.raises(ValueError, match=r"dense_steps=-1; expected None or an int >= 0"):
+        check_dense_steps(-1)
+    with pytest.raises(ValueError, match="dense_steps=True"):
+        check_dense_steps(True)
+
+
+def test_onebit_sends_dense_for_its_first_150_steps_then_compresses() -> None:
+    model, opt = _wrap("onebit", min_compress_numel=0)
+    sent = []
+    for _ in range(152):
+        opt.zero_grad()
+        model(torch.randn(8, 64)).square().mean().backward()
+        opt.step()
+        sent.append(opt.backend.stats.bytes_in)
+        opt.backend.stats.reset()
+    assert len(set(sent[1:150])) == 1  # every dense step sends the same bytes (the first: and
+    assert sent[0] > sent[1]  # the plan fingerprint)
+    assert sent[150] * 20 < sent[149]  # 1-bit from step 151 on
+
+
+def test_dgc_warm_up_counts_steps_without_set_epoch() -> None:
+    dgc = DGC(ratio=0.001)
+    assert dgc.warmup_steps == 150
+    densities = [dgc.at_step(s).density() for s in (0, 37, 38, 75, 113, 149, 150, 10_000)]
+    assert densities == [0.25, 0.25, 0.0625, 0.015625, 0.00390625, 0.00390625, 0.001, 0.001]
+    assert DGC(ratio=0.001, warmup_steps=0).at_step(0).density() == 0.001
+    with pytest.raises(ValueError, match="warmup_steps=-3"):
+        DGC(warmup_steps=-3)
+
+    model, opt = _wrap("dgc:ratio=0.01", momentum=0.0, min_compress_numel=0, dense_steps=0)
+    counts = []
+    for _ in range(160):
+        opt.zero_grad()
+        model(torch.randn(8, 64)).square().mean().backward()
+        opt.step()
+        counts.append(opt.backend.stats.bytes_in)
+        opt.backend.stats.reset()
+    assert counts[0] > counts[40] > counts[80] > counts[155]  # sparser epoch by epoch
+    # set_epoch takes over from the step count
+    opt.set_epoch(0)
+    opt.zero_grad()
+    model(torch.randn(8, 64)).square().mean().backward()
+    opt.step()
+    assert opt.backend.stats.bytes_in == pytest.approx(counts[0], rel=0.05)
+
+
+def test_the_ddp_hook_counts_dgc_steps_too() -> None:
+    state = DDPHookState(
+        "dgc:ratio=0.001",
+        backend=LocalBackend(),
+        optimizer=torch.optim.SGD(_model().parameters(), lr=0.1),
+    )
+    assert isinstance(state.compression, DGC) and state.compression.density() == 0.25
