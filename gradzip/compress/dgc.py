@@ -19,10 +19,10 @@ the four techniques of the paper:
   frozen value; the training loop (or the optimizer wrapper) calls ``dgc.at_epoch(e)`` at the
   start of each epoch and compresses with the returned one. A loop that never calls
   ``set_epoch`` (most user scripts) still gets the warm-up: its epochs are spread over the
-  first ``warmup_steps = 150`` steps (:meth:`DGC.at_step`). Measured on the CNN of
-  ``benchmarks/accuracy.py`` (one seed, a one-process simulation of 4 ranks): 0.1% from the
-  first step ends 11 pp under dense; the 150-step warm-up, with tensors under 1024 elements
-  sent dense (the optimizer's default), ends 0.5 pp under it.
+  first ``warmup_steps = 150`` steps (:meth:`DGC.at_step`). Measured in a one-process simulation of
+  the CNN run of ``benchmarks/accuracy.py --full`` (``benchmarks/results/defaults_sim.md``,
+  one seed): with this warm-up and tensors under 1024 elements sent dense (the optimizer's
+  default), 0.5 pp under dense.
 
 The threshold comes from a sample of the elements, as in the paper: see
 :func:`gradzip.compress.topk.sparsify_sampled` (at most k entries, the largest ones).

@@ -38,9 +38,10 @@ defaults of :func:`gradzip.DistributedOptimizer` address it, as the peers do wit
 warm-ups (torch's PowerSGD ``start_powerSGD_iter``, DeepSpeed's 1-bit Adam ``freeze_step``):
 the first ``default_dense_steps = 150`` steps are sent dense, and SGD's momentum is applied
 before compression (``momentum_correction``, :mod:`gradzip.hooks.momentum`). In a one-process
-simulation of that run (1500 steps, 3 seeds), the defaults end at 89.2% against dense 89.7%;
-150 dense steps without the correction end at 88.1%, the correction without warm-up at 86.9%
-(one seed). The committed tables measure the real thing (``benchmarks/results/``).
+simulation of that run (1500 steps, ``benchmarks/results/defaults_sim.md``) the defaults end
+0.4 pp under dense (3 seeds); 150 dense steps without the correction 1.6 pp, the correction
+without warm-up 2.8 pp (one seed each). The distributed tables measure the defaults
+(``benchmarks/results/accuracy_*_defaults.md``).
 
 On the CPU, :meth:`OneBit.compress_with_feedback` runs the numba kernels of
 :mod:`gradzip.compress._onebit_numba` when numba is importable (one pass over memory for flat
