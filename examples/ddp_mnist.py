@@ -77,6 +77,9 @@ def main():
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--compression", default="topk:ratio=0.01")
+    parser.add_argument(
+        "--dense-steps", type=int, default=None, help="first steps sent dense (default: gradzip's)"
+    )
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--data-dir", default=DATA_DIR)
     parser.add_argument("--seed", type=int, default=42)
@@ -96,7 +99,7 @@ def main():
     model = DDP(Net())
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr * world, momentum=args.momentum)
     # gradzip: the added line (optimizer= lets DGC check that momentum is not applied twice)
-    model.register_comm_hook(*gradzip.ddp_comm_hook(args.compression, optimizer=optimizer))
+    model.register_comm_hook(*gradzip.ddp_comm_hook(args.compression, optimizer=optimizer, dense_steps=args.dense_steps))  # noqa: E501
 
     step, start = 0, time.time()
     for epoch in range(args.epochs):

@@ -79,6 +79,9 @@ def main():
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--compression", default="onebit")
+    parser.add_argument(
+        "--dense-steps", type=int, default=None, help="first steps sent dense (default: gradzip's)"
+    )
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--data-dir", default=DATA_DIR)
     parser.add_argument("--seed", type=int, default=42)
@@ -101,7 +104,7 @@ def main():
     hvd.broadcast_optimizer_state(optimizer, root_rank=0)
     # gradzip: the one changed line; it was
     # optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
-    optimizer = gradzip.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(), compression=args.compression)  # noqa: E501
+    optimizer = gradzip.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(), compression=args.compression, dense_steps=args.dense_steps)  # noqa: E501
 
     step, start = 0, time.time()
     for epoch in range(args.epochs):
