@@ -56,6 +56,11 @@ class TernGrad(Compressor):
     """TernGrad (Wen et al. 2017): unbiased {-1, 0, +1} * s, clipping, scaler sharing."""
 
     reduction: ClassVar[Reduction] = Reduction.GATHER
+    #: TernGrad starts after 150 dense steps unless ``dense_steps`` says otherwise: its
+    #: variance does the most harm while the weights move fastest. In the one-process
+    #: simulation of the ``--full`` CNN run (``benchmarks/results/defaults_sim.md``, one seed)
+    #: it ends 1.9 pp under dense from the first step and 0.6 pp after 150 dense steps
+    default_dense_steps: ClassVar[int] = 150
 
     # what the user tunes
     clip: float | None = 2.5

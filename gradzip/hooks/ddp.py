@@ -428,7 +428,7 @@ def ddp_comm_hook(
     that ranks agree on every bucket before it moves (one tiny allreduce per bucket);
     ``dense_steps``: the first that many iterations allreduce the plain buckets (no error
     feedback), then compression starts, like torch's PowerSGD hook's ``start_powerSGD_iter``
-    (default None: what the compressor asks for, 150 steps for 1-bit and top-k, 0 for the
+    (default None: what the compressor asks for, 150 steps for 1-bit, top-k and TernGrad, 0 for the
     others; DGC's sparsity warm-up spans its ``warmup_steps`` unless ``state.set_epoch`` is
     called);
     ``nonfinite``: ``"propagate"`` (a NaN/Inf on any rank makes the bucket NaN everywhere, as

@@ -35,7 +35,7 @@ def _wrap(compression: Any, momentum: float = 0.9, **kw: Any) -> Any:
         ("none", 0),
         ("fp16", 0),
         ("qsgd", 0),
-        ("terngrad", 0),
+        ("terngrad", 150),
         ("onebit", 150),
         ("topk:ratio=0.1", 150),
         ({"0.weight": "onebit", "2.weight": "qsgd"}, 150),  # the most any of them asks for
