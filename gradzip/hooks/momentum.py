@@ -112,6 +112,15 @@ class MomentumCorrection:
             for g, old in zip(optimizer.param_groups, saved, strict=True):
                 g.update(old)
 
+    def adopt(self, state: Any) -> None:
+        """Take SGD's own ``momentum_buffer`` of each parameter in ``state`` (the optimizer's
+        ``state``, e.g. from a checkpoint written without gradzip) as its velocity, and drop
+        it from ``state`` (the wrapped step never reads it)."""
+        for name, p in zip(self.names, self.params, strict=True):
+            buf = state.get(p, {}).pop("momentum_buffer", None)
+            if buf is not None:
+                self.velocities[name] = buf.detach().to(torch.float32).clone()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.velocities.items()}
 

@@ -155,6 +155,9 @@ class _DistributedMixin:
         super().load_state_dict(state)  # type: ignore[misc]
         if mine is not None:
             self._gz.load_state_dict(mine)
+        elif self._gz_momentum is not None:  # a plain SGD checkpoint: its momentum buffers
+            opt = cast(torch.optim.Optimizer, self)
+            self._gz_momentum.adopt(opt.state)  # become the velocities, not dropped
 
     def remove_hooks(self) -> None:
         """Detach every hook this wrapper installed (the optimizer stops communicating)."""

@@ -252,3 +252,24 @@ def test_two_ranks_average_of_velocities_is_the_velocity_of_the_average() -> Non
     for r in runs:
         torch.testing.assert_close(r["got"], r["want"], rtol=1e-6, atol=1e-7)
     assert torch.equal(runs[0]["got"], runs[1]["got"])
+
+
+def test_a_plain_sgd_checkpoint_s_momentum_becomes_the_velocities() -> None:
+    """Resuming a run saved without gradzip: SGD's momentum buffers carry on, not dropped."""
+    model, ref = _model(), _model()
+    plain = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    _train(model, plain, range(3))
+    _train(ref, ref_opt, range(3))
+    saved = plain.state_dict()
+    opt = _wrap(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        compression="none",
+        momentum_correction=True,
+    )
+    opt.load_state_dict(saved)
+    assert set(opt._gz_momentum.velocities) == {n for n, _ in model.named_parameters()}
+    _train(model, opt, range(3, 6))
+    _train(ref, ref_opt, range(3, 6))
+    assert torch.equal(flat(model), flat(ref))
