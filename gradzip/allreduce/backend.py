@@ -216,7 +216,9 @@ class Backend(Protocol):
         self, tensor: torch.Tensor, op: ReduceOp = ReduceOp.SUM
     ) -> Work[torch.Tensor]: ...
 
-    def allgather(self, tensor: torch.Tensor) -> Work[list[torch.Tensor]]: ...
+    def allgather(
+        self, tensor: torch.Tensor, same_size: bool = False
+    ) -> Work[list[torch.Tensor]]: ...
 
     def alltoall(self, tensors: Sequence[torch.Tensor]) -> Work[list[torch.Tensor]]: ...
 
@@ -298,7 +300,7 @@ class LocalBackend:
         self._stats.record("allreduce", nbytes(tensor), 0)
         return DoneWork(tensor)
 
-    def allgather(self, tensor: torch.Tensor) -> Work[list[torch.Tensor]]:
+    def allgather(self, tensor: torch.Tensor, same_size: bool = False) -> Work[list[torch.Tensor]]:
         check_flat(tensor, "allgather")
         self._stats.record("allgather", nbytes(tensor), 0)
         return DoneWork([tensor])

@@ -217,13 +217,27 @@ class HorovodBackend:
 
         return self._work([handle], finish, f"allreduce {name!r}")
 
-    def allgather(self, tensor: torch.Tensor) -> Work[list[torch.Tensor]]:
-        """Every rank's flat tensor in rank order; sizes may differ (Horovod gathers natively)."""
+    def allgather(self, tensor: torch.Tensor, same_size: bool = False) -> Work[list[torch.Tensor]]:
+        """Every rank's flat tensor in rank order; sizes may differ (Horovod gathers natively,
+        and the sizes ride along in a second, tiny allgather unless ``same_size`` says every
+        rank hands a tensor of this size)."""
         check_flat(tensor, "allgather")
         check_device(self, tensor, "allgather")
         dtype = tensor.dtype
         data = _movable(tensor, "allgather")
         name = self._name("allgather")
+        if same_size:
+            n = data.numel()
+            self._stats.record(
+                "allgather", nbytes(data), wire_bytes("allgather", nbytes(data), self.size)
+            )
+
+            def split(out: list[Any]) -> list[torch.Tensor]:
+                flat = out[0]
+                return [flat[r * n : (r + 1) * n].view(dtype) for r in range(self.size)]
+
+            handle = [self._hvd.allgather_async(data, name=name)]
+            return self._work(handle, split, f"allgather {name!r}")
         size = torch.tensor([data.numel()], dtype=torch.int64)
         # The per-rank sizes ride along in a second, tiny allgather so the result can be split.
         handles = [

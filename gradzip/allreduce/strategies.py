@@ -281,7 +281,9 @@ class AllgatherStrategy(Strategy):
         payloads, ctxs = compress_entries(backend, c, entries, seed, step)
         local = local_results(c, entries, payloads, ctxs)
         home = data_device(entries)
-        work = backend.allgather(to_backend(backend, pack(payloads)))
+        # every rank packs the same layout (the plan's fingerprint, the hook's layout check):
+        # where the payload's size follows from it, no size exchange is needed first
+        work = backend.allgather(to_backend(backend, pack(payloads)), same_size=c.fixed_payload())
 
         def finish(bufs: list[torch.Tensor]) -> list[Reduced]:
             per_rank = [

@@ -155,11 +155,17 @@ class TorchDistBackend:
         self._call("allgather of the sizes", dist.all_gather, out, mine, group=self.group)
         return [int(t.item()) for t in out]
 
-    def allgather(self, tensor: torch.Tensor) -> Work[list[torch.Tensor]]:
-        """Every rank's flat tensor, sizes may differ (exchanged first, then padded)."""
+    def allgather(self, tensor: torch.Tensor, same_size: bool = False) -> Work[list[torch.Tensor]]:
+        """Every rank's flat tensor. Sizes may differ: they are exchanged first (a blocking
+        allgather of one int64 each), then the tensors are padded, unless ``same_size`` says
+        every rank hands a tensor of this size (a payload whose layout follows from a bucket
+        layout every rank agreed on): then no exchange."""
         check_flat(tensor, "allgather")
         check_device(self, tensor, "allgather")
-        sizes = self._exchange_sizes(tensor.numel())
+        if same_size:
+            sizes = [tensor.numel()] * self._size
+        else:
+            sizes = self._exchange_sizes(tensor.numel())
         width = max(sizes)
         padded = tensor.contiguous()
         if tensor.numel() < width:

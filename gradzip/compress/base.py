@@ -212,6 +212,12 @@ class Compressor(abc.ABC):
         """A scalar that ranks must MAX-reduce before ``compress`` (TernGrad's scaler); or None."""
         return None
 
+    def fixed_payload(self) -> bool:
+        """Whether the payload's layout follows from the tensor's shape and dtype alone (then
+        every rank's payload of one bucket has the same size, and a gather needs no size
+        exchange first). False unless a method says otherwise."""
+        return False
+
     def make_memory(self) -> Any:
         """The memory this method needs: residuals for error feedback, or none."""
         from gradzip.compress.memory import NoMemory, ResidualMemory

@@ -340,6 +340,10 @@ class OneBit(Compressor):
             o.addcmul_(m.neg_().add_(1), _group_view(s[0::2], block.axis))
         return out.to(ctx.dtype).view(ctx.shape)
 
+    def fixed_payload(self) -> bool:
+        """Sign bytes and scales follow from the shape: ``ceil(n / 8)`` + ``2 G`` floats."""
+        return True
+
     def fresh_feedback(self, grad: torch.Tensor) -> bool:
         """Whether :meth:`compress_with_feedback` can write the new residual into a buffer of
         its own at no extra memory traffic (``fresh=True``), so the old one stays as it was

@@ -163,6 +163,11 @@ class QSGD(Compressor):
         negative = (flat < 0) & (level > 0)
         return level.to(torch.uint8), negative, norms
 
+    def fixed_payload(self) -> bool:
+        """Fixed-width codes and one norm per bucket follow from the element count (the
+        Elias-coded stream does not)."""
+        return not self.elias
+
     def compress(
         self, tensor: torch.Tensor, *, seed: int = 0, shared: torch.Tensor | None = None
     ) -> tuple[Payload, DenseCtx]:

@@ -133,6 +133,10 @@ class TernGrad(Compressor):
         packed = pack_bits(trits, 2) if self.packing == "2bit" else pack_base3(trits)
         return Payload((packed, scaler.reshape(1))), DenseCtx(tensor.shape, tensor.dtype)
 
+    def fixed_payload(self) -> bool:
+        """Packed trits and one scaler: their sizes follow from the element count."""
+        return True
+
     def unpack(self, payload: Payload, numel: int) -> Ternary:
         """The int8 ternary values and the scaler of a payload."""
         packed, scaler = payload

@@ -228,6 +228,11 @@ class TopK(Compressor):
         if not isinstance(self.error_feedback, bool):
             raise ValueError(f"topk: error_feedback={self.error_feedback!r}; expected a bool")
 
+    def fixed_payload(self) -> bool:
+        """``selection="exact"`` sends exactly ``ceil(ratio * n)`` entries; the sampled
+        threshold sends at most that many, so its size varies."""
+        return self.selection == "exact"
+
     def compress(
         self, tensor: torch.Tensor, *, seed: int = 0, shared: torch.Tensor | None = None
     ) -> tuple[Payload, SparseCtx]:

@@ -74,8 +74,8 @@ class DeviceBackend:
     def allreduce(self, tensor: torch.Tensor, op: ReduceOp = ReduceOp.SUM) -> Work[torch.Tensor]:
         return MappedWork(self.inner.allreduce(self._in(tensor, "allreduce"), op), self._out)
 
-    def allgather(self, tensor: torch.Tensor) -> Work[list[torch.Tensor]]:
-        work = self.inner.allgather(self._in(tensor, "allgather"))
+    def allgather(self, tensor: torch.Tensor, same_size: bool = False) -> Work[list[torch.Tensor]]:
+        work = self.inner.allgather(self._in(tensor, "allgather"), same_size)
         return MappedWork(work, lambda ts: [self._out(t) for t in ts])
 
     def alltoall(self, tensors: Sequence[torch.Tensor]) -> Work[list[torch.Tensor]]:

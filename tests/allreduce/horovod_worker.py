@@ -69,6 +69,14 @@ def check_allgather(b: HorovodBackend) -> None:
         for q, part in enumerate(got):
             want = ints(q, size(q), torch.int64, salt=salt, high=2).to(dtype)
             assert part.dtype == dtype and torch.equal(part, want), f"allgather {dtype} from {q}"
+    # same_size: one collective, no size exchange; empty tensors too
+    for n, dtype in ((7, torch.float32), (9, torch.uint8), (0, torch.float32)):
+        calls = b.stats.by_kind["allgather"].calls
+        got = b.allgather(ints(r, n, torch.int64, salt=9, high=2).to(dtype), same_size=True).wait()
+        assert b.stats.by_kind["allgather"].calls == calls + 1, "same_size: one allgather"
+        for q, part in enumerate(got):
+            want = ints(q, n, torch.int64, salt=9, high=2).to(dtype)
+            assert part.dtype == dtype and torch.equal(part, want), f"same_size {n} from {q}"
 
 
 def chunk(src: int, dst: int, dtype: torch.dtype) -> torch.Tensor:
