@@ -144,8 +144,10 @@ def _gradzip_step(spec: str, model: nn.Module, cfg: WorkerConfig,
     # a compressor that applies momentum itself (DGC's momentum correction) needs plain SGD
     momentum = 0.0 if float(getattr(comp, "momentum", 0.0) or 0.0) > 0 else cfg.momentum
     base = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=momentum)
+    # dense_steps=0: the benchmark times compressed steps (gradzip's default warm-up would
+    # send the first 150 steps dense)
     opt = factory(base, named_parameters=model.named_parameters(), compression=comp,
-                  backend=backend)  # fmt: skip
+                  backend=backend, dense_steps=0)  # fmt: skip
 
     def run(x: torch.Tensor, y: torch.Tensor) -> None:
         opt.zero_grad()

@@ -114,7 +114,8 @@ def _rank(rank: int, store: str, label: str, steps: int, every: int, queue: Any)
     momentum = 0.0 if spec.startswith("dgc") else 0.9
     opt = gradzip.DistributedOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.01, momentum=momentum),
-        model.named_parameters(), compression=spec, backend=backend, model=model, **kw,
+        model.named_parameters(), compression=spec, backend=backend, model=model,
+        **{"dense_steps": 0, **kw},  # the soak measures compressed steps from the first one
     )  # fmt: skip
     teacher = torch.randn(512, 10, generator=torch.Generator().manual_seed(1))
     gen = torch.Generator().manual_seed(10 + rank)
