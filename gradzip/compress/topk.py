@@ -179,12 +179,19 @@ def desparsify_into(out: torch.Tensor, indices: torch.Tensor, values: torch.Tens
 
 
 def select(
-    tensor: torch.Tensor, density: float, selection: str, sample_ratio: float, seed: int
+    tensor: torch.Tensor,
+    density: float,
+    selection: str,
+    sample_ratio: float,
+    seed: int,
+    k: int | None = None,
 ) -> tuple[Payload, SparseCtx]:
-    """The (indices, values) payload of the ``ceil(density * n)`` largest magnitudes of
-    ``tensor``: exact (``torch.topk``) or from a sampled threshold drawn with ``seed``."""
+    """The (indices, values) payload of the ``ceil(density * n)`` (or ``k``) largest
+    magnitudes of ``tensor``: exact (``torch.topk``) or from a sampled threshold drawn with
+    ``seed``."""
     flat = as_float32_flat(tensor)
-    k = topk_count(density, flat.numel())
+    if k is None:
+        k = topk_count(density, flat.numel())
     if selection == "exact":
         idx, vals = sparsify(flat, k)
     else:

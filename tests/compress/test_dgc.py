@@ -47,7 +47,7 @@ def _reference(grads: list[torch.Tensor], m: float, k: int, clip: float | None) 
 @pytest.mark.parametrize("selection", ["exact", "sampled"])
 @pytest.mark.parametrize("clip", [None, 3.0])
 def test_momentum_correction_matches_reference(selection: str, clip: float | None) -> None:
-    comp = DGC(ratio=0.01, momentum=0.9, clip_norm=clip, world_size=4, selection=selection)  # type: ignore[arg-type]
+    comp = DGC(ratio=0.01, momentum=0.9, clip_norm=clip, world_size=4, selection=selection, min_values=0)  # type: ignore[arg-type]  # noqa: E501
     mem = comp.make_memory()
     grads = [_rand(30, 40, seed=s) for s in range(5)]
     local = None if clip is None else clip / math.sqrt(4)
@@ -100,8 +100,9 @@ def test_warmup_schedule_values() -> None:
     n = 10_000
     for e in range(5):
         payload, _ = comp.at_epoch(e).compress(_rand(n, seed=e), seed=e)
-        assert payload[0].numel() <= topk_count(comp.density(e), n)
-        assert payload[0].numel() >= 0.9 * topk_count(comp.density(e), n)
+        want = max(topk_count(comp.density(e), n), 32)  # at least min_values=32 values
+        assert payload[0].numel() <= want
+        assert payload[0].numel() >= 0.9 * want
 
 
 def test_state_dict_round_trip_resumes_identically() -> None:
@@ -160,7 +161,8 @@ def test_any_shape_and_dtype(shape: tuple[int, ...], dtype: torch.dtype, seed: i
     assert all(torch.equal(p, q) for p, q in zip(payload, again, strict=True))
     out = comp.decompress(payload, ctx)
     assert out.shape == x.shape and out.dtype == dtype
-    assert payload[0].numel() <= topk_count(0.05, x.numel())
+    assert payload[0].numel() <= comp.count(x.numel())
+    assert comp.count(x.numel()) == max(topk_count(0.05, x.numel()), min(32, x.numel()))
     assert payload.nbytes == payload[0].numel() * 8
     mem = comp.make_memory()
     v = mem.compensate("k", x)
@@ -204,3 +206,16 @@ def test_spec_round_trip_and_registry() -> None:
     assert gradzip.compressor(comp.spec()) == comp
     assert gradzip.compressor("dgc") == DGC()
     assert DGC.reduction is gradzip.Reduction.SPARSE
+
+
+def test_every_tensor_sends_at_least_min_values() -> None:
+    """0.1% of 1280 is 2 values; DGC sends 32 (all of a tensor with fewer)."""
+    comp = DGC(ratio=0.001, selection="exact")
+    for n, want in ((1280, 32), (100_000, 100), (10, 10), (0, 0)):
+        assert comp.count(n) == want
+        if n:
+            payload, _ = comp.compress(_rand(n, seed=n), seed=0)
+            assert payload[0].numel() == want
+    assert DGC(ratio=0.001, min_values=0).count(1280) == 2
+    with pytest.raises(ValueError, match="min_values=-1"):
+        DGC(min_values=-1)

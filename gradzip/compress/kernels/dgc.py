@@ -26,7 +26,7 @@ from gradzip.compress.dgc import DGC, DGCMemory
 from gradzip.compress.kernels.dispatch import EXACT, block_size, check_launch
 from gradzip.compress.kernels.topk import select_like_reference
 from gradzip.compress.memory import Key, check_finite
-from gradzip.compress.topk import SparseCtx, topk_count
+from gradzip.compress.topk import SparseCtx
 
 __all__ = ["compress", "decompress", "momentum_", "step", "supports"]
 
@@ -105,7 +105,7 @@ def step(
     flat = grad.reshape(-1).contiguous()
     uf, vf = u.view(-1), v.view(-1)
     momentum_(flat, uf, vf, memory.momentum, _clip_scale(comp, flat))
-    k = topk_count(comp.density(), vf.numel())
+    k = comp.count(vf.numel())
     idx, vals = select_like_reference(vf, k, comp.selection, comp.sample_ratio, seed, mask=(uf, vf))
     memory.momenta[key], memory.velocities[key] = u, v
     return Payload((idx, vals)), SparseCtx(grad.shape, torch.float32, vf.numel())
@@ -123,7 +123,7 @@ def compress(
     the fused version with the momentum."""
     check_dtype(tensor)
     flat = tensor.reshape(-1).contiguous()
-    k = topk_count(comp.density(), flat.numel())
+    k = comp.count(flat.numel())
     idx, vals = select_like_reference(flat, k, comp.selection, comp.sample_ratio, seed)
     return Payload((idx, vals)), SparseCtx(tensor.shape, tensor.dtype, flat.numel())
 
