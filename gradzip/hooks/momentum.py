@@ -68,14 +68,16 @@ class MomentumCorrection:
         group, name = self.groups[i], self.names[i]
         momentum = float(group.get("momentum", 0.0))
         wd = float(group.get("weight_decay", 0.0))
-        d = grad.to(torch.float32, copy=True)
+        nesterov = bool(group.get("nesterov", False))
+        # SGD's d_p: the gradient itself unless weight decay (or Nesterov) needs a new tensor
+        d = grad
         if wd:
-            d.add_(self.params[i].detach().to(torch.float32), alpha=wd)
+            d = grad.to(torch.float32).add(self.params[i].detach().to(torch.float32), alpha=wd)
         if not momentum:
             return d.to(grad.dtype)
         old = self.velocities.get(name)
         if old is None:
-            u = d.clone()
+            u = d.to(torch.float32, copy=True)
         else:
             if old.shape != d.shape:
                 raise ValueError(
@@ -84,7 +86,7 @@ class MomentumCorrection:
                 )
             u = old.mul(momentum).add_(d, alpha=1.0 - float(group.get("dampening", 0.0)))
         self._pending[i] = u
-        out = d.add_(u, alpha=momentum) if group.get("nesterov", False) else u
+        out = d.to(torch.float32).add(u, alpha=momentum) if nesterov else u
         return out.to(grad.dtype)
 
     def commit(self, i: int) -> None:
