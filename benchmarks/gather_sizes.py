@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class _Exchanging:
+class Exchanging:
     """A compressor whose ``fixed_payload()`` says False: the strategy exchanges sizes."""
 
     def __init__(self, c: Any) -> None:
@@ -54,7 +54,7 @@ def _worker(rank: int, size: int, store: str, sizes: list[int], reps: int, out: 
         entries = [Entry("w", g)]
         times: dict[str, list[float]] = {"same_size": [], "exchange": []}
         for rep in range(reps + 3):
-            for label, c in (("same_size", comp), ("exchange", _Exchanging(comp))):
+            for label, c in (("same_size", comp), ("exchange", Exchanging(comp))):
                 dist.barrier()
                 start = time.perf_counter()
                 strategy.start(backend, c, entries, seed=0, step=rep).wait()

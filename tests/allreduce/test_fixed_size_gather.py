@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_utils import run_ranks
 
 import gradzip
+from benchmarks.gather_sizes import Exchanging
 from gradzip.allreduce.backend import Backend
 from gradzip.allreduce.strategies import Entry, strategy_for
 
@@ -35,7 +36,7 @@ def _entries(rank: int) -> list[Entry]:
 def _gather(backend: Backend, spec: str, exchange: bool) -> tuple[list[torch.Tensor], int]:
     c = gradzip.compressor(spec)
     if exchange:  # the path with the size exchange, for comparison
-        c = _Variable(c)
+        c = Exchanging(c)
     strategy = strategy_for(c, gather="allgather", sparse="allgather")
     backend.stats.reset()
     entries = _entries(backend.rank)
@@ -44,19 +45,6 @@ def _gather(backend: Backend, spec: str, exchange: bool) -> tuple[list[torch.Ten
         entries = [Entry(e.key, memory.compensate(e.key, e.tensor)) for e in entries]
     out = strategy.start(backend, c, entries, seed=1, step=0).wait()
     return [r.reduced for r in out], backend.stats.by_kind["allgather"].calls
-
-
-class _Variable:
-    """``c`` with ``fixed_payload()`` False (everything else delegated)."""
-
-    def __init__(self, c: Any) -> None:
-        self._c = c
-
-    def fixed_payload(self) -> bool:
-        return False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._c, name)
 
 
 def _all(backend: Backend) -> dict[str, Any]:
