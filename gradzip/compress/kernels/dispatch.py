@@ -203,8 +203,10 @@ def decompress_sum(
     """Receive side: ``scale * sum_r decompress(payloads[r], ctxs[r])`` in fp32, one kernel.
 
     The kernel path unpacks every rank's payload and accumulates into one output, with no dense
-    temporary per rank; the torch path decompresses rank by rank. Returns a tensor of the
-    first ctx's shape, in fp32 (the caller casts once at the end).
+    temporary per rank. Elsewhere a compressor's own ``decompress_sum(payloads, ctxs,
+    scale=...)`` runs when it has one and does not return None (a numba pass on CPU
+    tensors); else the torch path decompresses rank by rank. Returns a tensor of the first
+    ctx's shape, in fp32 (the caller casts once at the end).
     """
     if not payloads or len(payloads) != len(ctxs):
         raise CompressionError(
@@ -217,6 +219,11 @@ def decompress_sum(
         if module is not None and hasattr(module, "decompress_sum"):
             out: torch.Tensor = module.decompress_sum(comp, payloads, ctxs, scale=scale)
             return out
+    own = getattr(comp, "decompress_sum", None)  # a CPU fast path of the method's own
+    if own is not None:
+        summed: torch.Tensor | None = own(payloads, ctxs, scale=scale)
+        if summed is not None:
+            return summed
     # rank order, the first sum out of place: a decompressed tensor may alias its payload
     total = comp.decompress(payloads[0], ctxs[0]).to(torch.float32)
     for i, (payload, ctx) in enumerate(zip(payloads[1:], ctxs[1:], strict=True)):
