@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-__all__ = ["column_apply", "column_stats", "flat_fused", "probe", "sweep"]
+__all__ = ["column_apply", "column_stats", "decode_sum", "flat_fused", "probe", "sweep"]
 
 #: elements per fp32 partial sum: small enough that its rounding stays near fp32's last bit,
 #: large enough for the vectorised loop to amortise the fp64 add
@@ -273,3 +273,70 @@ def sweep(
     if flat_fused(res, grad, out, bucket, scales, packed) >= 0:
         return None
     return scales
+
+
+
+@_jit()
+def _decode_run(
+    bits: np.ndarray, s: np.ndarray, g0: int, cols: int, lo: int, hi: int, first: bool,
+    out: np.ndarray,
+) -> None:
+    """Elements ``lo:hi`` of one rank: group ``g0`` for all (``cols == 0``, a flat bucket)
+    or ``g0 + (i - lo) % cols`` (a whole number of column-group rows starting at ``lo``)."""
+    if cols == 0:
+        pos = s[2 * g0]
+        neg = s[2 * g0 + 1]
+        whole = lo + (hi - lo) // 8 * 8  # lo is a multiple of 8 (bucket_size is)
+        for j in range(lo >> 3, whole >> 3):
+            byte = bits[j]
+            at = j << 3
+            if first:  # eight constant shifts: one vector select per byte
+                for k in range(8):
+                    out[at + k] = neg if (byte >> k) & 1 else pos
+            else:
+                for k in range(8):
+                    out[at + k] += neg if (byte >> k) & 1 else pos
+        for i in range(whole, hi):
+            v = neg if (bits[i >> 3] >> (i & 7)) & 1 else pos
+            out[i] = v if first else out[i] + v
+        return
+    for a in range(lo, hi, cols):
+        for c in range(cols):
+            i = a + c
+            v = s[2 * c + ((bits[i >> 3] >> (i & 7)) & 1)]
+            out[i] = v if first else out[i] + v
+
+
+@_jit()
+def decode_sum(
+    packed: np.ndarray, scales: np.ndarray, columns: int, bucket: int, scale: float,
+    out: np.ndarray,
+) -> None:
+    """Receive side: ``out = scale * sum_r decode(packed[r], scales[r])`` in fp32, rank order.
+
+    ``packed`` is ``(P, ceil(n / 8))`` sign bytes, ``scales`` ``(P, 2 G)`` interleaved means
+    (already rounded to the gradient's dtype: every decoded element is one of them, so that
+    is the reference's per-rank cast). ``columns > 0``: column groups of that width, else
+    flat buckets of ``bucket`` elements. The output is taken about :data:`_STEP` elements at
+    a time (whole buckets or whole rows), every rank added while it is in cache: one pass
+    over ``out``; the products by ``scale`` come last, as ``total * scale`` does.
+    """
+    n = out.size
+    ranks = packed.shape[0]
+    if columns:
+        step = max(1, _STEP // columns) * columns
+    else:
+        step = max(1, _STEP // bucket) * bucket
+    f_scale = np.float32(scale)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        for r in range(ranks):
+            if columns:
+                _decode_run(packed[r], scales[r], 0, columns, lo, hi, r == 0, out)
+            else:
+                for a in range(lo, hi, bucket):
+                    b = min(hi, a + bucket)
+                    _decode_run(packed[r], scales[r], a // bucket, 0, a, b, r == 0, out)
+        if scale != 1.0:
+            for i in range(lo, hi):
+                out[i] = out[i] * f_scale

@@ -309,8 +309,9 @@ class OneBit(Compressor):
             )
         return Payload((packed, scales)), DenseCtx(tensor.shape, tensor.dtype)
 
-    def decompress(self, payload: Payload, ctx: DenseCtx) -> torch.Tensor:
-        """Each element becomes the mean of its group's side: ``scales[2*group + bit]``."""
+    def _checked(self, payload: Payload, ctx: DenseCtx) -> list[_Block]:
+        """The groups of ``ctx``'s shape, after checking that ``payload`` fits them (a
+        CompressionError names the part that does not)."""
         check_parts(payload, "onebit", [torch.uint8, torch.float32])
         packed, scales = payload
         n = math.prod(ctx.shape)
@@ -326,6 +327,16 @@ class OneBit(Compressor):
                 f"onebit payload has {scales.numel()} scales; shape {tuple(ctx.shape)} needs "
                 f"{2 * groups}"
             )
+        return blocks
+
+    def decompress(self, payload: Payload, ctx: DenseCtx) -> torch.Tensor:
+        """Each element becomes the mean of its group's side: ``scales[2*group + bit]``."""
+        fast = self.decompress_sum([payload], [ctx])
+        if fast is not None:
+            return fast.to(ctx.dtype)
+        blocks = self._checked(payload, ctx)
+        packed, scales = payload
+        n = math.prod(ctx.shape)
         neg = unpack_bits(packed, 1, n).to(torch.float32)
         out = torch.empty(n, dtype=torch.float32, device=packed.device)
         offset = 0
@@ -339,6 +350,36 @@ class OneBit(Compressor):
             torch.mul(m, _group_view(s[1::2], block.axis), out=o)
             o.addcmul_(m.neg_().add_(1), _group_view(s[0::2], block.axis))
         return out.to(ctx.dtype).view(ctx.shape)
+
+    def decompress_sum(
+        self, payloads: list[Payload], ctxs: list[DenseCtx], *, scale: float = 1.0
+    ) -> torch.Tensor | None:
+        """Receive side on the CPU: ``scale * sum_r decompress(payloads[r], ctxs[r])`` in fp32,
+        one numba pass over the output (:func:`_onebit_numba.decode_sum`), bit for bit the
+        sum of the per-rank decompressions in rank order. None where that path does not run
+        (numba off or missing, payloads not on the CPU, ranks of different shapes): the
+        caller then decompresses rank by rank."""
+        kernels = _numba_kernels()
+        if kernels is None or not payloads or len(payloads) != len(ctxs):
+            return None
+        ctx = ctxs[0]
+        if any(c.shape != ctx.shape or c.dtype != ctx.dtype for c in ctxs) or any(
+            part.device.type != "cpu" for p in payloads for part in p.tensors
+        ):
+            return None
+        for p, c in zip(payloads, ctxs, strict=True):  # every rank's payload must fit
+            blocks = self._checked(p, c)
+        n = math.prod(ctx.shape)
+        out = torch.empty(n, dtype=torch.float32)
+        if n:
+            packed = torch.stack([p[0] for p in payloads])
+            scales = torch.stack([p[1] for p in payloads]).to(ctx.dtype).to(torch.float32)
+            columns = blocks[0].width if blocks[0].axis == 0 else 0
+            kernels.decode_sum(
+                packed.numpy(), scales.numpy(), columns, self.bucket_size, float(scale),
+                out.numpy(),
+            )
+        return out.view(ctx.shape)
 
     def fixed_payload(self) -> bool:
         """Sign bytes and scales follow from the shape: ``ceil(n / 8)`` + ``2 G`` floats."""
@@ -415,7 +456,11 @@ class OneBit(Compressor):
         residual = memory.residuals.get(key)
         if residual is not None and residual.shape != grad.shape:
             memory.compensate(key, grad)  # raises the shape-mismatch error
-        if memory.check and kernels.probe(flat.numpy()) != 0.0:
+        # the sweep writes the new residual into another tensor when it has one (``fresh``,
+        # or no residual yet), so a NaN/Inf it meets leaves the old one as it was: the
+        # gradient is probed only after a failed sweep. In place it is probed first.
+        apart = fresh or residual is None
+        if memory.check and not apart and kernels.probe(flat.numpy()) != 0.0:
             check_finite(key, flat)  # raises, naming the key; the residual is left as it was
         if residual is None:
             values = torch.full_like(flat, -0.0)  # -0.0 + g == g bit for bit, even for g = -0.0
@@ -436,7 +481,12 @@ class OneBit(Compressor):
                 packed.numpy(),
                 target.numpy(),
             )
-            if out is None:  # residual + grad overflows (or the check is off): reset
+            if out is None:
+                if apart and target is not values:
+                    memory.spare[key] = target  # nothing of it is kept
+                if memory.check and apart:
+                    check_finite(key, flat)  # a NaN/Inf gradient: the residual is unchanged
+                # residual + grad overflows (or the check is off): reset
                 memory.residuals.pop(key, None)
                 raise CompressionError(
                     f"gradient {key!r}: its compensated values (residual + gradient) hold NaN "

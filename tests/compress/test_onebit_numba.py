@@ -138,3 +138,74 @@ def test_fresh_step_leaves_the_old_residual_and_reuses_the_released_one(
             released = old.data_ptr()
         fresh.release("w", old)
     assert comp.fresh_feedback(grads[0]) is numba
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_fresh_step_with_a_bad_gradient_keeps_the_residual(
+    bad: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the fresh step probes the gradient only after a failed sweep: the error must still
+    # name the key, and the residual must be the old tensor with its old values
+    monkeypatch.setenv("GRADZIP_NUMBA", "1")
+    comp, mem = OneBit(bucket_size=64), ResidualMemory()
+    comp.compress_with_feedback(mem, "w", torch.randn(1000), fresh=True)
+    old = mem.residuals["w"]
+    before = old.clone()
+    grad = torch.randn(1000)
+    grad[900] = bad
+    with pytest.raises(CompressionError, match=r"gradient 'w' has"):
+        comp.compress_with_feedback(mem, "w", grad, fresh=True)
+    assert mem.residuals["w"] is old and torch.equal(old, before)
+    # the next fresh step still works and is exact
+    grad = torch.randn(1000)
+    payload, ctx = comp.compress_with_feedback(mem, "w", grad, fresh=True)
+    assert torch.equal(mem.residuals["w"], before + grad - comp.decompress(payload, ctx))
+
+
+def _payloads(comp: OneBit, shape: tuple[int, ...], ranks: int, dtype: torch.dtype) -> list:
+    gen = torch.Generator().manual_seed(ranks + len(shape))
+    return [comp.compress(torch.randn(shape, generator=gen).to(dtype)) for _ in range(ranks)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("ranks", [1, 3])
+@pytest.mark.parametrize(
+    "shape, options",
+    [((1,), {}), ((1023,), {"bucket_size": 64}), ((2**14 + 7,), {}), ((70, 9), {"min_rows": 1}),
+     ((300, 33), {"min_rows": 8}), ((0,), {}), ((), {}), ((20000,), {"bucket_size": 8})],
+)
+def test_numba_decompress_sum_equals_the_rank_by_rank_sum(
+    shape: tuple[int, ...], options: dict[str, int], ranks: int, dtype: torch.dtype,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gradzip.compress import kernels
+
+    comp = OneBit(**options)
+    got = _payloads(comp, shape, ranks, dtype)
+    payloads, ctxs = [p for p, _ in got], [c for _, c in got]
+    for scale in (1.0, 1 / 3):
+        monkeypatch.setenv("GRADZIP_NUMBA", "0")
+        ref = kernels.decompress_sum(comp, payloads, ctxs, scale=scale)
+        single = [comp.decompress(p, c) for p, c in got]
+        monkeypatch.setenv("GRADZIP_NUMBA", "1")
+        fast = comp.decompress_sum(payloads, ctxs, scale=scale)
+        assert fast is not None and fast.dtype == torch.float32 and fast.shape == ref.shape
+        assert torch.equal(fast, ref)
+        assert torch.equal(kernels.decompress_sum(comp, payloads, ctxs, scale=scale), ref)
+        for (p, c), want in zip(got, single, strict=True):
+            one = comp.decompress(p, c)
+            assert one.dtype == dtype and torch.equal(one, want)
+
+
+def test_numba_decompress_sum_refuses_a_payload_that_does_not_fit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("GRADZIP_NUMBA", "1")
+    comp = OneBit()
+    (p, ctx), (q, _) = _payloads(comp, (1000,), 2, torch.float32)
+    short = type(q)((q[0][:-1], q[1]))
+    with pytest.raises(CompressionError, match="sign bytes"):
+        comp.decompress_sum([p, short], [ctx, ctx])
+    wide = type(q)((q[0], q[1].double()))
+    with pytest.raises(CompressionError, match="dtype"):
+        comp.decompress_sum([p, wide], [ctx, ctx])
