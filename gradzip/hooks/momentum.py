@@ -61,6 +61,9 @@ class MomentumCorrection:
         self.params = list(params)
         self.velocities: dict[str, torch.Tensor] = {}
         self._pending: dict[int, torch.Tensor] = {}
+        #: the velocity a step replaced (or the one a called-off step made): the buffer of
+        #: the next step's velocity, so that large layers allocate nothing (no page faults)
+        self._spare: dict[int, torch.Tensor] = {}
 
     def apply(self, i: int, grad: torch.Tensor) -> torch.Tensor:
         """The update of slot ``i`` this step sends in place of ``grad`` (SGD's ``d_p`` after
@@ -84,7 +87,11 @@ class MomentumCorrection:
                     f"parameter {name!r}: its velocity has shape {tuple(old.shape)} but the "
                     f"gradient {tuple(d.shape)}"
                 )
-            u = old.mul(momentum).add_(d, alpha=1.0 - float(group.get("dampening", 0.0)))
+            buf = self._spare.pop(i, None)
+            if buf is None or buf.shape != old.shape or buf.data_ptr() == old.data_ptr():
+                buf = torch.empty_like(old)
+            u = torch.mul(old, momentum, out=buf)
+            u.add_(d, alpha=1.0 - float(group.get("dampening", 0.0)))
         self._pending[i] = u
         out = d.to(torch.float32).add(u, alpha=momentum) if nesterov else u
         return out.to(grad.dtype)
@@ -93,11 +100,16 @@ class MomentumCorrection:
         """Slot ``i``'s step counted: keep its new velocity."""
         u = self._pending.pop(i, None)
         if u is not None:
+            old = self.velocities.get(self.names[i])
+            if old is not None:
+                self._spare[i] = old
             self.velocities[self.names[i]] = u
 
     def discard(self, i: int) -> None:
         """Slot ``i``'s step was called off: its velocity stays as it was."""
-        self._pending.pop(i, None)
+        u = self._pending.pop(i, None)
+        if u is not None and u is not self.velocities.get(self.names[i]):
+            self._spare[i] = u
 
     @contextlib.contextmanager
     def plain_step(self, optimizer: torch.optim.Optimizer) -> Iterator[None]:
@@ -132,3 +144,4 @@ class MomentumCorrection:
             raise ValueError(f"the checkpoint has velocities of unknown parameters: {unknown}")
         self.velocities = {k: v.detach().to(torch.float32).clone() for k, v in state.items()}
         self._pending = {}
+        self._spare = {}
