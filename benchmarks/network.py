@@ -79,9 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--test-limit", type=int, default=1000, help="test images evaluated")
     p.add_argument(
         "--model",
-        choices=("cnn", "mlp"),
+        choices=("cnn", "mlp", "mlp-wide"),
         default="cnn",
-        help="cnn: the small CNN (default); mlp: 784-1024-1024-10, 1.9 M parameters",
+        help="cnn: the small CNN (default); mlp: 784-1024-1024-10, 1.9 M parameters; "
+        "mlp-wide: 784-2048-2048-10, 5.8 M parameters",
     )
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (momentum 0.9)")
     p.add_argument("--seed", type=int, default=0)
@@ -206,7 +207,7 @@ def render(result: dict[str, Any], args: argparse.Namespace, command: str) -> st
         "",
         f"{args.workers} worker processes, each in its own network namespace, veth links to a "
         f"bridge capped at {args.rate} each way (tc tbf){delay}; gloo over TCP. "
-        f"{result['dataset']} with the {'MLP' if args.model == 'mlp' else 'small CNN'} "
+        f"{result['dataset']} with the {'small CNN' if args.model == 'cnn' else 'MLP'} "
         f"({result['params']} parameters), "
         f"{args.batch_size} samples per worker and step, {args.steps} steps per method, SGD "
         f"lr {args.lr} momentum 0.9 (0 with DGC, which applies momentum itself; its "

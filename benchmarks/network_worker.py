@@ -54,7 +54,7 @@ class WorkerConfig:
     warmup: int = 5  # steps left out of the step-time median
     reps: int = 15  # repetitions of the compute and comm measurements
     powersgd_rank: int = 1
-    model: str = "cnn"  # "cnn" (SmallCNN) or "mlp" (MLP with two 1024-wide hidden layers)
+    model: str = "cnn"  # "cnn" (SmallCNN), "mlp" (hidden 1024, 1024) or "mlp-wide" (2048, 2048)
     warmup_steps: int = 60  # DGC's warm-up epochs squeezed into these first steps
     timeout_s: float = 300.0
     data_file: str = ""  # written by save_datasets(); empty: every rank loads the data itself
@@ -109,8 +109,9 @@ def _batches(data: Dataset, cfg: WorkerConfig, rank: int, world: int) -> Iterato
 
 def _new_model(cfg: WorkerConfig, data: Dataset) -> nn.Module:
     torch.manual_seed(cfg.seed)
-    if cfg.model == "mlp":
-        return MLP(data.x[0].numel(), num_classes=data.num_classes)
+    if cfg.model in ("mlp", "mlp-wide"):
+        hidden = (2048, 2048) if cfg.model == "mlp-wide" else (1024, 1024)
+        return MLP(data.x[0].numel(), hidden=hidden, num_classes=data.num_classes)
     return SmallCNN(tuple(data.x.shape[1:]), data.num_classes)
 
 
