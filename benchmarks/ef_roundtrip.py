@@ -1,7 +1,8 @@
 """One compressor round trip on the CPU, as a multiple of ``g.clone()`` of the same tensor.
 
-The round trip is what one rank runs per tensor and step, and what the receive side runs on
-one payload, through the same dispatch the optimizer uses (:mod:`gradzip.compress.kernels`):
+The round trip (:class:`gradzip.plan.calibrate.RoundTrip`, which the cost model times too)
+is what one rank runs per tensor and step, and what the receive side runs on one payload,
+through the same dispatch the optimizer uses (:mod:`gradzip.compress.kernels`):
 
 * the send side: for an error-feedback method with a fused step (``feedback_step``), the
   optimizer's undoable form of it (``memory.snapshot``, the fused step, ``memory.release``),
@@ -27,23 +28,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import os
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
 import gradzip
-from benchmarks.report import machine_line, markdown_table
-from gradzip.compress import kernels
-from gradzip.compress.base import Compressor, Payload, Reduction
-from gradzip.compress.topk import desparsify_into
+from benchmarks.report import Cell, machine_line, markdown_table
+from gradzip.compress.base import Compressor
+from gradzip.plan.calibrate import RoundTrip
 
-__all__ = ["SPECS", "Case", "floor", "main", "round_trip", "run"]
+__all__ = ["SPECS", "floor", "main", "round_trip", "run"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,55 +75,9 @@ def floor(comp: Compressor, n: int, payload_bytes: int) -> float:
     return traffic / (8 * n)
 
 
-@dataclasses.dataclass
-class Case:
-    """One compressor on one tensor, with its own memory (state carried across repeats)."""
-
-    comp: Compressor
-    grad: torch.Tensor
-    memory: Any = None
-    step: int = 0
-
-    def __post_init__(self) -> None:
-        self.memory = self.comp.make_memory()
-
-    def send(self) -> tuple[Payload, Any]:
-        """The send side, as the optimizer runs it."""
-        comp, mem, key = self.comp, self.memory, "g"
-        self.step += 1
-        seed = self.step
-        if comp.error_feedback and kernels.has_feedback_step(comp, self.grad):
-            fresh = kernels.fresh_feedback(comp, self.grad)
-            snap = mem.snapshot(key, copy=not fresh)
-            out = kernels.feedback_step(comp, mem, key, self.grad, seed=seed, fresh=fresh)
-            assert out is not None
-            mem.release(key, snap)
-            return out
-        g = mem.compensate(key, self.grad)
-        shared = kernels.shared_stat(comp, g)
-        payload, ctx = kernels.compress(comp, g, seed=seed, shared=shared)
-        if comp.error_feedback:
-            mem.update(key, g, kernels.decompress(comp, payload, ctx))
-        return payload, ctx
-
-    def receive(self, payload: Payload, ctx: Any) -> torch.Tensor:
-        """The receive side for one payload: the dense fp32 sum."""
-        comp = self.comp
-        if comp.reduction is Reduction.GATHER:
-            return kernels.decompress_sum(comp, [payload], [ctx])
-        if comp.reduction is Reduction.SPARSE:
-            total = torch.zeros(self.grad.numel(), dtype=torch.float32)
-            desparsify_into(total, payload[0], payload[1])
-            return total
-        return kernels.decompress(comp, payload, ctx)
-
-    def round_trip(self) -> torch.Tensor:
-        return self.receive(*self.send())
-
-
 def round_trip(spec: str, grad: torch.Tensor) -> Callable[[], torch.Tensor]:
     """A callable running one round trip of ``spec`` on ``grad`` (state kept across calls)."""
-    return Case(gradzip.compressor(spec), grad).round_trip
+    return RoundTrip(gradzip.compressor(spec), grad)
 
 
 def _times(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
@@ -155,33 +107,33 @@ def _numba(on: bool) -> Iterator[None]:
 
 def run(
     sizes: Sequence[int], specs: Sequence[str], repeats: int, torch_path: bool = False
-) -> list[list[object]]:
+) -> list[list[Cell]]:
     """One row per (size, spec): clone ms, round trip ms, ratios (min, median), floor,
     target and whether it is met (at ``2**22``), and the torch path's median ratio."""
-    rows: list[list[object]] = []
+    rows: list[list[Cell]] = []
     for log2 in sizes:
         n = 1 << log2
         gen = torch.Generator().manual_seed(log2)
         grad = torch.randn(n, generator=gen)
         clone_min, clone_med = _times(grad.clone, repeats)
         for spec in specs:
-            case = Case(gradzip.compressor(spec), grad)
-            t_min, t_med = _times(case.round_trip, repeats)
+            case = RoundTrip(gradzip.compressor(spec), grad)
+            t_min, t_med = _times(case, repeats)
             payload, _ = case.send()
             lo = floor(case.comp, n, payload.nbytes)
             base = spec.split(":")[0]
             target = TARGETS.get(base) if log2 == 22 else None
             ratio = t_med / clone_med
             met = "" if target is None else ("yes" if ratio <= target else "no")
-            row: list[object] = [
+            row: list[Cell] = [
                 f"2**{log2}", spec, round(clone_med * 1e3, 3), round(t_med * 1e3, 3),
                 round(t_min / clone_min, 2), round(ratio, 2), round(lo, 2),
                 "" if target is None else target, met,
             ]
             if torch_path:
                 with _numba(False):
-                    slow = Case(gradzip.compressor(spec), grad)
-                    _, s_med = _times(slow.round_trip, max(3, repeats // 3))
+                    slow = RoundTrip(gradzip.compressor(spec), grad)
+                    _, s_med = _times(slow, max(3, repeats // 3))
                 row.append(round(s_med / clone_med, 1))
             rows.append(row)
             print(" | ".join(str(c) for c in row), flush=True)
