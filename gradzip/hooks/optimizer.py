@@ -38,6 +38,8 @@ from gradzip.hooks.momentum import MomentumCorrection, wants_correction
 from gradzip.hooks.pipeline import GradPipeline, Slot
 from gradzip.hooks.policy import DEFAULT_MIN_COMPRESS_NUMEL, DENSE, CompressionArg, make_policy
 from gradzip.hooks.sfb import FactorCapture, linear_weights
+from gradzip.plan.auto import Decision, is_auto
+from gradzip.plan.auto import resolve as resolve_auto
 
 __all__ = ["Average", "DistributedOptimizer", "Op", "Sum"]
 
@@ -60,6 +62,7 @@ class _DistributedMixin:
 
     _gz: GradPipeline
     _gz_momentum: MomentumCorrection | None
+    _gz_auto: Decision | None
     _gz_skip: bool
     _gz_synced: bool
     _gz_hooks: list[Any]
@@ -124,6 +127,11 @@ class _DistributedMixin:
         """``{parameter name: compressor spec}`` as sent (after the small-tensor and SFB
         cost-model decisions, which are final once the first backward ran)."""
         return {s.name: s.compressor.spec() for s in self._gz.slots}
+
+    def auto_decision(self) -> Decision | None:
+        """With ``compression="auto"``: what the cost model chose and why (its ``report``);
+        None otherwise."""
+        return self._gz_auto
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state plus this rank's compression state (``"gradzip"``)."""
@@ -325,6 +333,15 @@ def DistributedOptimizer(
     elif timeout is not None:
         raise ValueError("timeout= applies to the backend gradzip builds; give it to backend=...")
     names = _names(optimizer, named_parameters, model)
+    decision = None
+    if is_auto(compression):  # the cost model's choice, the same on every rank
+        assert isinstance(compression, str)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        decision = resolve_auto(
+            compression, [(names[p], p) for p in params], backend,
+            min_compress_numel=min_compress_numel, fusion_bytes=fusion_bytes,
+        )
+        compression, gather, sparse = decision.policy(), decision.gather, decision.sparse
     slots = _slots(optimizer, names, compression, min_compress_numel, model, backend.size)
     if any(isinstance(s.compressor, DGC) for s in slots):
         check_optimizer(optimizer)
@@ -348,6 +365,7 @@ def DistributedOptimizer(
     wrapped.__dict__.update(optimizer.__dict__)  # shares param_groups and state
     wrapped._gz, wrapped._gz_skip, wrapped._gz_synced = pipeline, False, False
     wrapped._gz_momentum = momentum
+    wrapped._gz_auto = decision
     wrapped._gz_hooks = [
         s.param.register_post_accumulate_grad_hook(_hook(pipeline, i)) for i, s in enumerate(slots)
     ]

@@ -1,0 +1,207 @@
+"""``compression="auto"``: the compressor of each bucket, and the strategies, that the cost model
+predicts fastest on this link, world size and device; decided once, the same on every rank.
+
+``"auto"`` chooses among ``none``, ``fp16``, ``onebit``, ``qsgd``, ``terngrad`` and ``topk``
+(each with its defaults); ``"auto:allow=onebit+topk:ratio=0.001"`` among the ones named
+(``+`` between specs; ``none`` is always a candidate, so the choice is never predicted slower
+than dense). DGC needs an optimizer without momentum and SFB the batch size, so they are
+chosen only when allowed by name (SFB never: the model does not cost it).
+
+How: the link is measured on the backend (:func:`~gradzip.plan.calibrate.measure_link`, a
+few allgathers: every rank calls the optimizer's constructor at the same point, so this is a
+collective like the others), each candidate's work on the parameters' device comes from the
+per-machine cache (:func:`~gradzip.plan.calibrate.cached_rates`, measured on first use). The
+gradients are laid out in dense buckets as the optimizer would send them; for each pair of
+strategies (``gather``: allgather or scatter_gather; ``sparse``: allgather or recursive) each
+bucket takes its cheapest candidate, and the pair with the cheapest step wins. Rank 0's
+decision is broadcast, so ranks whose measurements differ still agree. The decision is logged
+(logger ``gradzip.auto``, INFO) and kept as :attr:`Decision.report`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Sequence
+
+import torch
+
+from gradzip.allreduce.backend import Backend, control
+from gradzip.allreduce.fusion import DEFAULT_FUSION_BYTES, plan_buckets
+from gradzip.compress.base import Compressor, Reduction, compressor
+from gradzip.hooks.policy import DEFAULT_MIN_COMPRESS_NUMEL
+from gradzip.plan.calibrate import cached_rates, measure_link
+from gradzip.plan.layout import Tensor, buckets
+from gradzip.plan.model import Link, Rates, step_cost
+
+__all__ = ["DEFAULT_ALLOW", "Decision", "decide", "is_auto", "parse_auto", "resolve"]
+
+log = logging.getLogger("gradzip.auto")
+
+#: the candidates of a plain ``"auto"``
+DEFAULT_ALLOW = ("none", "fp16", "onebit", "qsgd", "terngrad", "topk")
+GATHER = ("allgather", "scatter_gather")
+SPARSE = ("allgather", "recursive")
+_MODEL_NAME = {"allgather": "sparse_allgather", "recursive": "recursive"}
+
+
+def is_auto(compression: object) -> bool:
+    """Whether ``compression`` is an ``"auto"`` spec string."""
+    return isinstance(compression, str) and compression.strip().split(":", 1)[0] == "auto"
+
+
+def parse_auto(spec: str) -> tuple[str, ...]:
+    """The candidate specs of an ``auto`` spec (``none`` first, always)."""
+    name, _, rest = spec.strip().partition(":")
+    if name != "auto":
+        raise ValueError(f"{spec!r} is not an auto spec")
+    allow: tuple[str, ...] = DEFAULT_ALLOW
+    if rest.strip():
+        key, eq, value = rest.strip().partition("=")
+        if key.strip() != "allow" or not eq or not value.strip():
+            raise ValueError(
+                f"compression={spec!r}: auto takes one option, allow=SPEC+SPEC+... (e.g. "
+                "auto:allow=onebit+topk:ratio=0.001)"
+            )
+        allow = tuple(s.strip() for s in value.split("+"))
+        if any(not s for s in allow):
+            raise ValueError(f"compression={spec!r}: an empty spec between '+' signs")
+    out: list[str] = ["none"]
+    for s in allow:
+        comp = compressor(s)  # raises, naming a bad spec
+        if comp.reduction is Reduction.FACTORS:
+            raise ValueError(
+                f"compression={spec!r}: {s!r} sends factors whose size depends on the batch; "
+                "auto cannot cost it (give sfb by name instead)"
+            )
+        if comp.spec() not in (compressor(o).spec() for o in out):
+            out.append(s)
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What auto chose: ``{parameter name: spec}`` and the two strategies (rank 0's choice,
+    the same on every rank), and why (``report``: this rank's predictions)."""
+
+    specs: dict[str, str]
+    gather: str
+    sparse: str
+    predicted: float
+    dense: float
+    report: str
+
+    def policy(self) -> dict[str, str]:
+        """The choice as a ``compression=`` mapping (exact-name patterns)."""
+        return {f"re:{re.escape(name)}": spec for name, spec in self.specs.items()}
+
+
+def _strategy(comp: Compressor, gather: str, sparse: str) -> str:
+    if comp.reduction is Reduction.GATHER:
+        return gather
+    if comp.reduction is Reduction.SPARSE:
+        return _MODEL_NAME[sparse]
+    return "dense"
+
+
+def decide(
+    tensors: Sequence[Tensor],
+    candidates: Sequence[str],
+    link: Link,
+    world_size: int,
+    rates: dict[str, Rates],
+    *,
+    min_compress_numel: int = DEFAULT_MIN_COMPRESS_NUMEL,
+    fusion_bytes: int = DEFAULT_FUSION_BYTES,
+) -> Decision:
+    """The model's choice (pure: the same inputs give the same choice on every rank).
+
+    ``rates`` maps each candidate spec to its measured work. Ties go to the earlier
+    candidate and strategy, so ``none`` wins a tie with any compressor."""
+    dense_buckets = [
+        [t for t in tensors if t.name in group]
+        for group in _groups(tensors, fusion_bytes)
+    ]
+    kw = {"min_compress_numel": min_compress_numel, "fusion_bytes": fusion_bytes}
+    costs: dict[tuple[int, str, str, str], float] = {}
+    for b, members in enumerate(dense_buckets):
+        for spec in candidates:
+            laid = buckets(members, spec, **kw)
+            for g in GATHER:
+                for s in SPARSE:
+                    parts = [(_strategy(c, g, s), bk, rates.get(c.spec(), Rates()))
+                             for c, bk in laid]
+                    costs[(b, spec, g, s)] = step_cost(parts, link, world_size).step
+    best: tuple[float, str, str, list[str]] | None = None
+    for g in GATHER:
+        for s in SPARSE:
+            picks = [_cheapest(candidates, costs, b, g, s) for b in range(len(dense_buckets))]
+            total = sum(costs[(b, spec, g, s)] for b, spec in enumerate(picks))
+            if best is None or total < best[0]:
+                best = (total, g, s, picks)
+    assert best is not None
+    total, g, s, picks = best
+    dense = sum(costs[(b, "none", GATHER[0], SPARSE[0])] for b in range(len(dense_buckets)))
+    specs = {t.name: spec for members, spec in zip(dense_buckets, picks, strict=True)
+             for t in members}
+    lines = [
+        f"gradzip auto: {world_size} ranks, link alpha {link.alpha * 1e6:.1f} us, "
+        f"{(1 / link.beta if link.beta else float('inf')) * 8 / 1e6:.0f} Mbit/s; predicted "
+        f"communication + compression {total * 1e3:.2f} ms per step against "
+        f"{dense * 1e3:.2f} ms dense; gather={g}, sparse={s}",
+    ]
+    for b, (members, spec) in enumerate(zip(dense_buckets, picks, strict=True)):
+        ranked = sorted(candidates, key=lambda c: costs[(b, c, g, s)])
+        alts = ", ".join(f"{c} {costs[(b, c, g, s)] * 1e3:.2f}" for c in ranked[:3])
+        names = ", ".join(t.name for t in members[:3]) + (" ..." if len(members) > 3 else "")
+        lines.append(f"  bucket {b} [{names}]: {spec} (ms: {alts})")
+    return Decision(specs, g, s, total, dense, "\n".join(lines))
+
+
+def _cheapest(
+    candidates: Sequence[str], costs: dict[tuple[int, str, str, str], float], b: int, g: str,
+    s: str,
+) -> str:
+    """The candidate of least cost for bucket ``b`` (the first among equals)."""
+    return min(candidates, key=lambda spec: costs[(b, spec, g, s)])
+
+
+def _groups(tensors: Sequence[Tensor], fusion_bytes: int) -> list[set[str]]:
+    """The names in each dense bucket, in launch order (reverse registration order)."""
+    order = list(tensors)[::-1]
+    return [{order[j].name for j in cut} for cut in plan_buckets([t.nbytes for t in order],
+                                                                  fusion_bytes)]
+
+
+def resolve(
+    compression: str,
+    named: Sequence[tuple[str, torch.Tensor]],
+    backend: Backend,
+    *,
+    min_compress_numel: int = DEFAULT_MIN_COMPRESS_NUMEL,
+    fusion_bytes: int = DEFAULT_FUSION_BYTES,
+) -> Decision:
+    """Measure, decide on rank 0, broadcast: the :class:`Decision` every rank follows."""
+    candidates = parse_auto(compression)
+    tensors = [Tensor(n, tuple(p.shape), p.dtype) for n, p in named if p.requires_grad]
+    device = next((p.device for _, p in named), torch.device("cpu"))
+    link = measure_link(backend)
+    rates = {compressor(c).spec(): cached_rates(c, device) for c in candidates}
+    mine = decide(tensors, candidates, link, backend.size, rates,
+                  min_compress_numel=min_compress_numel, fusion_bytes=fusion_bytes)
+    # rank 0's choice for everyone: candidates by index, strategies by index
+    order = [t.name for t in tensors]
+    code = [GATHER.index(mine.gather), SPARSE.index(mine.sparse)]
+    code += [candidates.index(mine.specs[n]) for n in order]
+    agreed = backend.broadcast(control(backend, code, torch.int64), root=0).wait()
+    got = [int(v) for v in agreed.cpu()]
+    decision = dataclasses.replace(
+        mine,
+        gather=GATHER[got[0]],
+        sparse=SPARSE[got[1]],
+        specs={n: candidates[k] for n, k in zip(order, got[2:], strict=True)},
+    )
+    if backend.rank == 0:
+        log.info("%s", decision.report)
+    return decision

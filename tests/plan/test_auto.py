@@ -1,0 +1,101 @@
+"""compression="auto": what it may choose, that it follows the model, and that ranks agree."""
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "allreduce"))
+from dist_utils import run_ranks
+
+import gradzip
+from gradzip.allreduce.backend import Backend
+from gradzip.plan import auto
+from gradzip.plan.layout import Tensor
+from gradzip.plan.model import Link, Rates
+
+
+def test_the_candidates_of_an_auto_spec() -> None:
+    assert auto.parse_auto("auto") == auto.DEFAULT_ALLOW
+    assert auto.parse_auto("auto:allow=onebit+topk:ratio=0.001") == (
+        "none", "onebit", "topk:ratio=0.001")
+    assert auto.parse_auto("auto:allow=none+onebit+onebit") == ("none", "onebit")
+    for bad, match in [("auto:allow=", "allow=SPEC"), ("auto:ratio=3", "allow=SPEC"),
+                       ("auto:allow=onebit++topk", "empty spec"), ("auto:allow=zip", "zip"),
+                       ("auto:allow=sfb", "factors")]:
+        with pytest.raises(ValueError, match=match):
+            auto.parse_auto(bad)
+    assert auto.is_auto("auto:allow=onebit") and not auto.is_auto("onebit")
+    assert not auto.is_auto({"*": "auto"})
+
+
+LAYOUT = [Tensor("fc1.weight", (2048, 784)), Tensor("fc1.bias", (2048,)),
+          Tensor("fc2.weight", (10, 2048)), Tensor("fc2.bias", (10,))]
+
+
+def test_a_slow_link_compresses_and_a_fast_one_with_costly_work_stays_dense() -> None:
+    cands = ("none", "fp16", "onebit", "topk")
+    slow = Link.of(12.5e6, 5e-5)
+    free = {}
+    got = auto.decide(LAYOUT, cands, slow, 4, free)
+    assert got.specs["fc1.weight"] in ("onebit", "topk")
+    assert got.predicted < got.dense / 5
+    fast = Link.of(1.25e11, 1e-6)
+    costly = Rates(1e-3, 1e-8, 1e-3, 1e-8)
+    rates = {gradzip.compressor(c).spec(): costly for c in cands[1:]}
+    got = auto.decide(LAYOUT, cands, fast, 4, rates)
+    assert set(got.specs.values()) == {"none"}
+    assert got.predicted == pytest.approx(got.dense)
+    assert "bucket 0" in got.report and "gather=" in got.report
+    # the choice is never predicted slower than dense
+    for link in (slow, fast, Link.of(1.25e8, 1e-5)):
+        d = auto.decide(LAYOUT, cands, link, 8, rates)
+        assert d.predicted <= d.dense
+    assert auto.decide(LAYOUT, cands, slow, 4, free) == auto.decide(LAYOUT, cands, slow, 4, free)
+
+
+def test_many_ranks_on_a_slow_link_pick_the_two_phase_gather() -> None:
+    got = auto.decide(LAYOUT, ("none", "onebit"), Link.of(12.5e6, 5e-5), 64, {})
+    assert got.specs["fc1.weight"] == "onebit" and got.gather == "scatter_gather"
+
+
+def _auto_run(backend: Backend, cache: str) -> dict[str, Any]:
+    os.environ["GRADZIP_CACHE"] = cache
+    # the ranks measure differently: rank 1 finds onebit ruinously slow, rank 0 free
+    slow = Rates(10.0, 1e-3, 10.0, 1e-3)
+    auto.cached_rates = lambda spec, device="cpu": (  # type: ignore[assignment]
+        slow if backend.rank == 1 and spec.startswith("onebit") else Rates()
+    )
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(784, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
+    opt = gradzip.DistributedOptimizer(
+        torch.optim.SGD(net.parameters(), lr=0.05), net.named_parameters(),
+        compression="auto:allow=onebit", backend=backend, dense_steps=0,
+    )
+    for step in range(3):
+        opt.zero_grad()
+        torch.manual_seed(10 * step + backend.rank)
+        x, y = torch.randn(16, 784), torch.randint(0, 10, (16,))
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    decision = opt.auto_decision()  # type: ignore[attr-defined]
+    return {
+        "plan": opt.compression_plan(),  # type: ignore[attr-defined]
+        "gather": decision.gather,
+        "weights": torch.cat([p.detach().reshape(-1) for p in net.parameters()]),
+    }
+
+
+def test_ranks_follow_rank_zeros_choice_and_train_in_step() -> None:
+    with tempfile.TemporaryDirectory() as cache:
+        runs = run_ranks(_auto_run, 2, cache, timeout_s=180)
+    assert runs[0]["plan"] == runs[1]["plan"]
+    assert runs[0]["gather"] == runs[1]["gather"]
+    # gloo on one machine is a fast link, but rank 0 found 1-bit free: it compresses
+    assert runs[0]["plan"]["0.weight"].startswith("onebit")
+    assert runs[0]["plan"]["0.bias"] == "none"
+    assert torch.equal(runs[0]["weights"], runs[1]["weights"])
