@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from gradzip.compress.base import compressor
-from gradzip.plan.layout import Tensor, buckets, strategies_for
-from gradzip.plan.model import Link, Rates, StepCost, step_cost
+from gradzip.compress.base import Reduction, compressor
+from gradzip.plan.layout import Tensor, buckets, payload_size, strategies_for
+from gradzip.plan.model import Bucket, Link, Rates, StepCost, step_cost
 
-__all__ = ["DEFAULT_METHODS", "Option", "best", "predict"]
+__all__ = ["DEFAULT_METHODS", "Option", "best", "predict", "predict_pipeline"]
 
 #: what the plan compares unless told otherwise: dense, the casts, and each method's default
 DEFAULT_METHODS = ("none", "fp16", "onebit", "qsgd", "terngrad", "topk", "dgc")
@@ -79,3 +80,51 @@ def best(options: Sequence[Option]) -> Option:
     if not options:
         raise ValueError("no options to choose from")
     return min(options, key=lambda o: o.cost.step)
+
+
+#: the model's name of each strategy of :mod:`gradzip.allreduce`, by (strategy, reduction)
+_STRATEGY = {
+    ("allreduce", Reduction.SUM): "dense",
+    ("allgather", Reduction.GATHER): "allgather",
+    ("allgather", Reduction.SPARSE): "sparse_allgather",
+    ("scatter_gather", Reduction.GATHER): "scatter_gather",
+    ("ternary_sum", Reduction.GATHER): "ternary_sum",
+    ("sparse", Reduction.SPARSE): "recursive",
+}
+
+
+def predict_pipeline(
+    pipeline: Any,
+    link: Link,
+    *,
+    rates: Callable[[str], Rates] | None = None,
+    compute: float = 0.0,
+    backward: float = 0.0,
+    overlap: float = 0.0,
+) -> StepCost:
+    """The predicted step of a built optimizer's pipeline (``opt._gz`` after its first
+    backward): its own buckets, compressors and strategies, each tensor's payload measured
+    as in :func:`~gradzip.plan.layout.payload_size`."""
+    get = rates or (lambda spec: Rates())
+    if pipeline.buckets is None:
+        raise ValueError("the pipeline has no buckets yet: predict after the first backward")
+    parts = []
+    for group in pipeline.buckets:
+        slots = [pipeline.slots[i] for i in group]
+        comp = slots[0].compressor
+        strategy = pipeline.streams[slots[0].stream].strategy.name
+        name = _STRATEGY.get((strategy, comp.reduction))
+        if name is None:
+            raise ValueError(f"the model does not cost strategy {strategy!r} of {comp.spec()!r}")
+        sizes = [payload_size(comp.spec(), tuple(s.param.shape), s.param.dtype) for s in slots]
+        bucket = Bucket(
+            dense=sum(s.param.numel() * s.param.element_size() for s in slots),
+            numel=sum(s.param.numel() for s in slots),
+            tensors=len(slots),
+            payload=sum(b for b, _ in sizes),
+            fixed=comp.fixed_payload() or comp.reduction is Reduction.SUM,
+            nnz=sum(n for _, n in sizes),
+        )
+        parts.append((name, bucket, get(comp.spec())))
+    return step_cost(parts, link, pipeline.backend.size, compute=compute, backward=backward,
+                     overlap=overlap)

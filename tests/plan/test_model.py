@@ -16,7 +16,7 @@ from gradzip.allreduce.backend import Backend, wire_bytes
 from gradzip.allreduce.sparse import sparse_rounds_cost
 from gradzip.plan import model as M
 from gradzip.plan.__main__ import main, parse_bandwidth, parse_seconds
-from gradzip.plan.choose import best, predict
+from gradzip.plan.choose import best, predict, predict_pipeline
 from gradzip.plan.layout import Tensor, buckets, from_module
 
 A, B, G = 1e-4, 1e-8, 1e-9
@@ -179,7 +179,13 @@ def _handed(backend: Backend) -> dict[str, Any]:
             net(torch.randn(8, 300)).square().mean().backward()  # buckets go out here
             opt.step()
         kinds = backend.stats.by_kind
-        out[spec] = kinds["allreduce"].bytes_in + kinds["allgather"].bytes_in
+        cost = predict_pipeline(opt._gz, M.Link(0.0, 1.0))  # type: ignore[attr-defined]
+        out[spec] = {
+            "handed": kinds["allreduce"].bytes_in + kinds["allgather"].bytes_in,
+            "sent": backend.stats.bytes_sent,
+            "predicted_payload": cost.payload_bytes,
+            "predicted_sent": cost.comm,  # one second per byte: the bytes on the wire
+        }
     return out
 
 
@@ -191,7 +197,12 @@ def test_layout_payloads_are_what_the_optimizer_hands_the_backend() -> None:
         # the backend also gets each bucket's part-size header (4 bytes a part and one) and
         # the step's flags; top-k and DGC's sparse payloads have their measured size
         slack = sum(4 * (1 + 2 * b.tensors) for _, b in laid) + 64
-        assert predicted <= handed[spec] <= predicted + slack, (spec, predicted, handed[spec])
+        got = handed[spec]
+        assert predicted <= got["handed"] <= predicted + slack, (spec, predicted, got)
+        # the built optimizer's own buckets give the same payload, and the bytes its rank
+        # put on the wire (the backend's schedule count) are the model's comm at one s/byte
+        assert got["predicted_payload"] == predicted
+        assert got["predicted_sent"] == pytest.approx(got["sent"], abs=slack), (spec, got)
 
 
 def test_predict_ranks_and_best_is_deterministic() -> None:
