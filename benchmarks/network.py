@@ -56,6 +56,8 @@ HEADERS = (
     "MB/step",
     "accuracy %",
     "time to target s",
+    "predicted ms",
+    "model error %",
 )
 
 
@@ -177,17 +179,28 @@ def rows(result: dict[str, Any]) -> tuple[list[list[Any]], float]:
     out: list[list[Any]] = []
     for m in result["methods"]:
         if "skipped" in m:
-            out.append([m["method"], *["n/a"] * (len(HEADERS) - 2), "skipped"])
+            out.append([m["method"], *["n/a"] * (len(HEADERS) - 4), "skipped", "n/a", "n/a"])
             continue
         speedup = base["step_s"] / m["step_s"]
         ideal = (compute + comm) / (compute + comm / m["ratio"])
         reached = [t for _, t, acc in m["curve"] if acc >= target]
+        predicted = m.get("predicted_s")
         out.append([
             m["method"], 1e3 * m["step_s"], speedup, m["ratio"], ideal, speedup / ideal,
             m["bytes_per_step"] / 1e6, 100 * m["curve"][-1][2],
             reached[0] if reached else "not reached",
+            "n/a" if predicted is None else 1e3 * predicted,
+            "n/a" if predicted is None else 100 * (predicted - m["step_s"]) / m["step_s"],
         ])  # fmt: skip
     return out, target
+
+
+def _link_words(link: dict[str, float] | None) -> str:
+    """The measured link in words: its latency and bandwidth."""
+    if not link:
+        return "not measured"
+    rate = 8e-6 / link["beta"] if link["beta"] else float("inf")
+    return f"alpha {1e6 * link['alpha']:.0f} us, {rate:.0f} Mbit/s"
 
 
 def render(result: dict[str, Any], args: argparse.Namespace, command: str) -> str:
@@ -230,7 +243,13 @@ def render(result: dict[str, Any], args: argparse.Namespace, command: str) -> st
         "wrapping `torch.distributed.all_reduce`. ideal: (compute + comm) / (compute + comm / "
         "ratio). efficiency: speedup / ideal. time to target: training time (evaluation "
         "excluded) until the first evaluation at or above the target; evaluated every "
-        f"{args.eval_every} steps, so it is known to that granularity.",
+        f"{args.eval_every} steps, so it is known to that granularity. predicted: the cost "
+        "model's step (`gradzip.plan.predict_pipeline` of the method's own optimizer: its "
+        "buckets, compressors and strategies) from the link measured at the end of the run "
+        f"({_link_words(result.get('link'))}), "
+        "the compute measured in the run, and each compressor's work measured on every rank "
+        "at once (so under the run's contention); model error: (predicted - measured) / "
+        "measured.",
     ]
     if (os.cpu_count() or 1) < args.workers:
         lines += [

@@ -94,6 +94,9 @@ class Step:
                  at_step: Callable[[int], None] | None = None) -> None:  # fmt: skip
         self.model, self.run, self.bytes_now = model, run, bytes_now
         self.at_step = at_step or (lambda i: None)
+        #: what the cost model predicts of this step, given the measured link and compute
+        #: (None: the model does not cover it, e.g. the DDP hooks)
+        self.predict: Callable[[Any, float], float] | None = None
 
 
 def _batches(data: Dataset, cfg: WorkerConfig, rank: int, world: int) -> Iterator[Any]:
@@ -141,7 +144,9 @@ def _gradzip_step(spec: str, model: nn.Module, cfg: WorkerConfig,
     factory = getattr(gradzip, "DistributedOptimizer", None)
     if factory is None:
         raise LookupError("gradzip.DistributedOptimizer is not available yet")
-    comp = gradzip.compressor(spec)
+    from gradzip.plan.auto import is_auto
+
+    comp: Any = spec if is_auto(spec) else gradzip.compressor(spec)
     # a compressor that applies momentum itself (DGC's momentum correction) needs plain SGD
     momentum = 0.0 if float(getattr(comp, "momentum", 0.0) or 0.0) > 0 else cfg.momentum
     base = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=momentum)
@@ -166,7 +171,23 @@ def _gradzip_step(spec: str, model: nn.Module, cfg: WorkerConfig,
             if i % length == 0 and i // length <= epochs:
                 opt.set_epoch(i // length)
 
-    return Step(model, run, lambda: backend.stats.bytes_in, at_step), lambda: None
+    step = Step(model, run, lambda: backend.stats.bytes_in, at_step)
+
+    def predict(link: Any, compute: float) -> float:
+        from gradzip.plan.calibrate import measure_rates
+        from gradzip.plan.choose import predict_pipeline
+
+        rates: dict[str, Any] = {}
+
+        def rate(s: str) -> Any:
+            if s not in rates:
+                rates[s] = measure_rates(gradzip.compressor(s))
+            return rates[s]
+
+        return float(predict_pipeline(opt._gz, link, rates=rate, compute=compute).step)
+
+    step.predict = predict
+    return step, lambda: None
 
 
 def _build(method: str, cfg: WorkerConfig, data: Dataset,
@@ -177,7 +198,16 @@ def _build(method: str, cfg: WorkerConfig, data: Dataset,
     if method == "none":
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
         run = functools.partial(_dense_step, model, opt, backend)
-        return Step(model, run, lambda: backend.stats.bytes_in), lambda: None
+        step = Step(model, run, lambda: backend.stats.bytes_in)
+
+        def predict(link: Any, compute: float) -> float:
+            from gradzip.plan.model import dense_allreduce
+
+            dense = sum(p.numel() * p.element_size() for p in model.parameters())
+            return compute + dense_allreduce(link, backend.size, dense)
+
+        step.predict = predict
+        return step, lambda: None
     return _gradzip_step(method, model, cfg, backend)
 
 
@@ -303,6 +333,18 @@ def worker_main(rank: int, world: int, master: str, port: int, config: str, out:
             closers.append(close)
         _say(rank, f"data loaded, {len(records)} methods built ({_since_start():.0f} s)")
         measured = _train_all(records, cfg, data, test, backend)
+        # the cost model's prediction of each step from the link measured here and the
+        # compute of the same run; every rank measures its compressors' work at the same
+        # time, so the contention of the run is in the rates too
+        from gradzip.plan.calibrate import measure_link
+
+        link = measure_link(backend)
+        dist.barrier()
+        for m, rec in records.items():
+            if rec.step.predict is not None:
+                predicted = rec.step.predict(link, measured["compute_s"])
+                measured["methods"][m]["predicted_s"] = predicted
+        measured["link"] = {"alpha": link.alpha, "beta": link.beta}
         rows = [
             {"method": m, "skipped": skipped[m]} if m in skipped
             else {"method": m, **measured["methods"][m]}
@@ -311,7 +353,7 @@ def worker_main(rank: int, world: int, master: str, port: int, config: str, out:
         params = sum(p.numel() for p in _new_model(cfg, data).parameters())
         result = {"params": params, "dataset": data.name, "test": len(test.y),
                   "compute_s": measured["compute_s"], "comm_s": measured["comm_s"],
-                  "methods": rows}  # fmt: skip
+                  "link": measured["link"], "methods": rows}  # fmt: skip
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(result, f)

@@ -23,7 +23,7 @@ def _result() -> dict[str, object]:
         "comm_s": 0.04,
         "methods": [
             _method("none", 0.10, 1.0, [0.5, 0.7, 0.8]),
-            _method("onebit", 0.08, 32.0, [0.6, 0.81, 0.82]),
+            {**_method("onebit", 0.08, 32.0, [0.6, 0.81, 0.82]), "predicted_s": 0.09},
             _method("topk", 0.07, 100.0, [0.4, 0.6, 0.7]),
             {"method": "qsgd", "skipped": "not registered"},
         ],
@@ -45,6 +45,9 @@ def test_rows_follow_the_definitions() -> None:
     assert by_name["topk"]["time to target s"] == "not reached"
     assert by_name["qsgd"]["time to target s"] == "skipped"
     assert [r[0] for r in table] == ["none", "onebit", "topk", "qsgd"]
+    assert math.isclose(one["predicted ms"], 90.0)
+    assert math.isclose(one["model error %"], 100 * (0.09 - 0.08) / 0.08)
+    assert by_name["topk"]["predicted ms"] == "n/a" == by_name["qsgd"]["model error %"]
 
 
 @pytest.mark.parametrize(
