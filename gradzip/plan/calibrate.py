@@ -3,8 +3,8 @@ compressor's work on this device; cached per machine.
 
 * :func:`measure_link` times allgathers of a few sizes on the backend (a collective: every
   rank calls it at the same point), takes the slowest rank's time of each (one MAX allreduce,
-  so that every rank fits the same numbers) and fits ``t = (P-1) (alpha + c beta)`` by least
-  squares.
+  so that every rank fits the same numbers) and reads ``t = (P-1) (alpha + c beta)`` off
+  them: ``beta`` from the two largest, ``alpha`` from the smallest.
 * :func:`measure_rates` times the send side (the fused error-feedback step where the method
   has one, else compensate and compress) and the receive side (the dense sum of one payload)
   of a compressor at two sizes, through the dispatch the optimizer uses, and fits seconds
@@ -60,10 +60,15 @@ def _median_time(fn: Callable[[], object], repeats: int) -> float:
 
 
 def measure_link(
-    backend: Backend, sizes: Sequence[int] = (64, 1 << 16, 1 << 20), repeats: int = 5
+    backend: Backend, sizes: Sequence[int] = (64, 1 << 20, 1 << 22), repeats: int = 5
 ) -> Link:
-    """The link's ``alpha`` and ``beta`` fitted from allgathers of ``sizes`` bytes per rank
-    (identical on every rank). One rank: a link of zero cost."""
+    """The link's ``alpha`` and ``beta`` from allgathers of ``sizes`` bytes per rank (the
+    slowest rank's time of each, so identical on every rank): ``alpha`` from the smallest
+    message, ``beta`` from the slope between the two largest (a rate limiter's burst lets
+    small messages through at line rate, so a line fitted through all of them would mistake
+    the burst for latency). One rank: a link of zero cost."""
+    if len(sizes) < 3 or sorted(sizes) != list(sizes) or len(set(sizes)) != len(sizes):
+        raise ValueError(f"sizes={sizes!r}: expected at least three increasing sizes")
     p = backend.size
     if p == 1:
         return Link(0.0, 0.0)
@@ -79,7 +84,8 @@ def measure_link(
         torch.tensor(times, dtype=torch.float64, device=backend.device), ReduceOp.MAX
     ).wait()
     per_step = [float(t) / (p - 1) for t in slowest.cpu()]
-    alpha, beta = fit_line([float(s) for s in sizes], per_step)
+    _, beta = fit_line([float(s) for s in sizes[-2:]], per_step[-2:])
+    alpha = max(per_step[0] - sizes[0] * beta, 0.0)
     return Link(alpha, beta)
 
 

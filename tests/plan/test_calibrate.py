@@ -35,7 +35,7 @@ def test_rates_are_measured_once_and_cached(
 
     def counting(comp: Any, **kw: Any) -> Rates:
         calls.append(comp.spec())
-        return real(comp, numels=(1 << 10, 1 << 14), repeats=2, **kw)
+        return real(comp, numels=(1 << 10, 1 << 18), repeats=3, **kw)
 
     monkeypatch.setattr(calibrate, "measure_rates", counting)
     first = calibrate.cached_rates("onebit")
@@ -58,7 +58,7 @@ def test_round_trip_sends_and_sums_one_payload() -> None:
 
 
 def _link(backend: Backend) -> Link:
-    return calibrate.measure_link(backend, sizes=(64, 1 << 14, 1 << 18), repeats=2)
+    return calibrate.measure_link(backend, sizes=(64, 1 << 18, 1 << 22), repeats=3)
 
 
 def test_a_measured_link_is_the_same_on_every_rank() -> None:
