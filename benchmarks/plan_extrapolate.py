@@ -25,7 +25,7 @@ import torch
 
 from benchmarks.models import MLP, SmallCNN
 from benchmarks.report import machine_line
-from gradzip.plan import Link, best, from_module, predict
+from gradzip.plan import Link, Rates, best, from_module, predict
 from gradzip.plan.calibrate import cached_rates
 
 __all__ = ["LINKS", "MODELS", "main", "render"]
@@ -49,7 +49,7 @@ def MODELS() -> dict[str, torch.nn.Module]:
 def render(worlds: Sequence[int], methods: Sequence[str], latency: float) -> str:
     rates = {m: cached_rates(m) for m in methods}
 
-    def rate(spec: str):  # type: ignore[no-untyped-def]
+    def rate(spec: str) -> Rates:
         return rates[spec] if spec in rates else cached_rates(spec)
 
     lines = [
