@@ -129,7 +129,8 @@ class VirtualNetwork:
     ) -> None:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 200:
             raise ValueError(f"n={n!r}; expected an int from 1 to 200 workers")
-        self.rate_bits = parse_rate(rate)
+        #: "none": no rate limit (the veth links' own speed, a few Gbit/s of the CPU's)
+        self.rate_bits = 0 if rate == "none" else parse_rate(rate)
         if delay is not None and not _DELAY.match(delay):
             raise ValueError(f"delay {delay!r} is not a tc time; expected e.g. 1ms, 500us")
         if not re.fullmatch(r"[a-z0-9]{0,6}", tag):
@@ -183,6 +184,10 @@ class VirtualNetwork:
         return ["tbf", "rate", self.rate, "burst", str(burst), "latency", "50ms"]
 
     def _shape(self, ns: str, dev: str, delay: str | None) -> None:
+        if not self.rate_bits and delay is None:
+            return  # uncapped
+        if not self.rate_bits:
+            raise NetnsError("a delay needs a rate as well (tbf under netem)")
         if delay is None:
             _ip("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", *self._tbf())
             return

@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
     p.add_argument("--steps", type=int, default=150, help="training steps per method")
-    p.add_argument("--rate", default="100mbit", help="link rate, tc syntax (100mbit, 1gbit)")
+    p.add_argument("--rate", default="100mbit",
+                   help="link rate, tc syntax (100mbit, 1gbit), or none (uncapped veths)")
     p.add_argument("--delay", default=None, help="one-way delay per link via netem, e.g. 1ms")
     p.add_argument("--compressors", nargs="+", default=list(DEFAULT_METHODS), metavar="M",
                    help="methods to run, in order (default: %(default)s)")  # fmt: skip
@@ -219,7 +220,9 @@ def render(result: dict[str, Any], args: argparse.Namespace, command: str) -> st
         f"{machine_line()}.",
         "",
         f"{args.workers} worker processes, each in its own network namespace, veth links to a "
-        f"bridge capped at {args.rate} each way (tc tbf){delay}; gloo over TCP. "
+        + (f"bridge capped at {args.rate} each way (tc tbf){delay}; "
+           if args.rate != "none" else "bridge, uncapped (no tc qdisc); ")
+        + "gloo over TCP. "
         f"{result['dataset']} with the {'small CNN' if args.model == 'cnn' else 'MLP'} "
         f"({result['params']} parameters), "
         f"{args.batch_size} samples per worker and step, {args.steps} steps per method, SGD "

@@ -87,6 +87,18 @@ def test_pair_connects_through_capped_links_and_is_removed() -> None:
 
 
 @needs_root
+def test_an_uncapped_pair_has_no_qdisc_and_is_fast() -> None:
+    with VirtualNetwork(2, rate="none", tag="t5") as net:
+        assert "tbf" not in net.qdiscs(0)
+        count, seconds = exchange(net, 600_000)  # 0.24 s at 20 Mbit/s; here milliseconds
+        assert count == 600_000 and seconds < 0.15
+    with pytest.raises(NetnsError, match="delay needs a rate"), VirtualNetwork(
+        2, rate="none", delay="1ms", tag="t6"
+    ):
+        pass
+
+
+@needs_root
 def test_removed_when_body_raises() -> None:
     net = VirtualNetwork(2, tag="t2")
     with pytest.raises(ZeroDivisionError), net:
