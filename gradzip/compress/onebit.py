@@ -55,13 +55,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from types import ModuleType
 from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
 
+from gradzip.compress._numba import numba_enabled
 from gradzip.compress.base import (
     CompressionError,
     Compressor,
@@ -109,7 +109,7 @@ def _import_numba_kernels() -> ModuleType | None:
 
 def _numba_kernels() -> ModuleType | None:
     """The numba kernels, or None when numba is missing or the env sets ``GRADZIP_NUMBA=0``."""
-    if os.environ.get("GRADZIP_NUMBA", "1") == "0":
+    if not numba_enabled():
         return None
     return _import_numba_kernels()
 

@@ -19,16 +19,25 @@ Wire format (``n`` elements, ``G = ceil(n / bucket_size)`` buckets, last one may
   The coder is a vectorized CPU reference (the decoder follows the chain of codes by pointer
   jumping, O(bits * log n)): several times slower than the fixed-width path.
 * part 1, ``float32[G]``: the norm of each bucket.
+
+On CPU tensors the quantization, the fixed-width packing and the decoding run as numba kernels
+(:mod:`gradzip.compress._quant_numba`: one pass over memory each way) when numba is importable,
+unless ``GRADZIP_NUMBA=0``; the torch code below is the reference and the fallback. Same wire
+format; the levels drawn for one seed differ from the torch path's (another generator), and
+the ``l2`` norms may differ in their last bit (another summation order).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from types import ModuleType
 from typing import ClassVar, Literal
 
+import numpy as np
 import torch
 
+from gradzip.compress._numba import numba_kernels
 from gradzip.compress.base import (
     CompressionError,
     Compressor,
@@ -43,6 +52,23 @@ from gradzip.compress.base import (
 from gradzip.compress.packing import pack_bits, packed_size, unpack_bits
 
 __all__ = ["QSGD", "elias_decode", "elias_encode"]
+
+#: the rounding code of each gradient dtype in the numba receive kernels
+_ROUNDING = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _kernels(*tensors: torch.Tensor) -> ModuleType | None:
+    """The numba kernels when every tensor is on the CPU and numba is on, else None."""
+    if any(t.device.type != "cpu" for t in tensors):
+        return None
+    return numba_kernels("_quant_numba")
+
+
+def _not_finite(tensor: torch.Tensor) -> CompressionError:
+    return CompressionError(
+        f"tensor of shape {tuple(tensor.shape)} holds NaN or Inf values (or its bucket norms "
+        "overflow fp32); QSGD needs finite values"
+    )
 
 
 def _buckets(flat: torch.Tensor, size: int) -> torch.Tensor:
@@ -143,6 +169,10 @@ class QSGD(Compressor):
         self, tensor: torch.Tensor, *, seed: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(levels as uint8, negative as bool, fp32 bucket norms) of ``tensor``, flat."""
+        nb = _kernels(tensor)
+        if nb is not None:  # 8-bit codes: the levels of the fixed-width path, for any width
+            codes, norms = self._codes_numba(nb, tensor, seed, 8)
+            return codes >> 1, (codes & 1).to(torch.bool), norms
         flat = as_float32_flat(tensor.detach())
         n = flat.numel()
         v = _buckets(flat, self.bucket_size)
@@ -151,10 +181,7 @@ class QSGD(Compressor):
         else:
             norms = v.abs().amax(dim=1) if n else v.new_zeros(0)
         if not bool(torch.isfinite(norms).all()):
-            raise CompressionError(
-                f"tensor of shape {tuple(tensor.shape)} holds NaN or Inf values (or its bucket "
-                "norms overflow fp32); QSGD needs finite values"
-            )
+            raise _not_finite(tensor)
         scale = torch.where(norms > 0, self.levels / norms, 0.0).view(-1, 1)
         a = (v.abs() * scale).reshape(-1)[:n].clamp_(max=self.levels)
         level = a.floor()
@@ -162,6 +189,23 @@ class QSGD(Compressor):
         level += u < (a - level)  # up with probability a - floor(a): E[level] = a
         negative = (flat < 0) & (level > 0)
         return level.to(torch.uint8), negative, norms
+
+    def _codes_numba(
+        self, nb: ModuleType, tensor: torch.Tensor, seed: int, bits: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes packed at ``bits`` bits, fp32 norms) of ``tensor`` by the numba kernel."""
+        flat = as_float32_flat(tensor.detach()).contiguous()
+        n = flat.numel()
+        norms = torch.empty(-(-n // self.bucket_size), dtype=torch.float32)
+        packed = torch.empty(packed_size(n, bits), dtype=torch.uint8)
+        x = flat.numpy()
+        bad = nb.qsgd_compress(
+            x, x.view(np.uint32), self.bucket_size, self.levels, bits, self.norm == "max",
+            nb.seed_key(seed), norms.numpy(), packed.numpy(),
+        )  # fmt: skip
+        if bad >= 0:
+            raise _not_finite(tensor)
+        return packed, norms
 
     def fixed_payload(self) -> bool:
         """Fixed-width codes and one norm per bucket follow from the element count (the
@@ -171,6 +215,10 @@ class QSGD(Compressor):
     def compress(
         self, tensor: torch.Tensor, *, seed: int = 0, shared: torch.Tensor | None = None
     ) -> tuple[Payload, DenseCtx]:
+        nb = None if self.elias else _kernels(tensor)
+        if nb is not None:
+            packed, norms = self._codes_numba(nb, tensor, seed, self.bits)
+            return Payload((packed, norms)), DenseCtx(tensor.shape, tensor.dtype)
         level, negative, norms = self.quantize(tensor, seed=seed)
         if self.elias:
             packed = pack_bits(elias_encode(level, negative), 1)
@@ -178,7 +226,8 @@ class QSGD(Compressor):
             packed = pack_bits((level << 1) | negative.to(torch.uint8), self.bits)
         return Payload((packed, norms)), DenseCtx(tensor.shape, tensor.dtype)
 
-    def decompress(self, payload: Payload, ctx: DenseCtx) -> torch.Tensor:
+    def _check(self, payload: Payload, ctx: DenseCtx) -> int:
+        """The element count of ``payload`` after checking its parts against ``ctx``."""
         check_parts(payload, "qsgd", [torch.uint8, torch.float32])
         packed, norms = payload
         n = math.prod(ctx.shape)
@@ -187,17 +236,57 @@ class QSGD(Compressor):
                 f"qsgd payload has {norms.numel()} norms; {n} elements in buckets of "
                 f"{self.bucket_size} need {-(-n // self.bucket_size)}"
             )
+        if not self.elias and packed.numel() != packed_size(n, self.bits):
+            raise CompressionError(
+                f"qsgd payload has {packed.numel()} code bytes; {n} codes of {self.bits} "
+                f"bits need {packed_size(n, self.bits)}"
+            )
+        return n
+
+    def decompress(self, payload: Payload, ctx: DenseCtx) -> torch.Tensor:
+        n = self._check(payload, ctx)
+        packed, norms = payload
+        summed = self.decompress_sum([payload], [ctx])
+        if summed is not None:  # the numba path; its values are rounded to ctx.dtype already
+            return summed.to(ctx.dtype)
         if self.elias:
             level, negative = elias_decode(unpack_bits(packed, 1, packed.numel() * 8), n)
         else:
-            if packed.numel() != packed_size(n, self.bits):
-                raise CompressionError(
-                    f"qsgd payload has {packed.numel()} code bytes; {n} codes of {self.bits} "
-                    f"bits need {packed_size(n, self.bits)}"
-                )
             codes = unpack_bits(packed, self.bits, n)
             level, negative = codes >> 1, (codes & 1).to(torch.bool)
         signed = torch.where(negative, -level.to(torch.float32), level.to(torch.float32))
         step = (norms / self.levels).view(-1, 1)
         out = (_buckets(signed, self.bucket_size) * step).reshape(-1)[:n]
         return out.to(ctx.dtype).view(ctx.shape)
+
+    def decompress_sum(
+        self, payloads: list[Payload], ctxs: list[DenseCtx], *, scale: float = 1.0
+    ) -> torch.Tensor | None:
+        """``scale * sum_r decompress(payloads[r], ctxs[r])`` in fp32 by the numba kernel, in
+        one pass over the output: each rank's values rounded to its ctx dtype, then added in
+        rank order, as the torch path of ``kernels.decompress_sum`` does. None where there is
+        no such path (not CPU, ``elias=True``, numba off, ranks of different dtypes)."""
+        if self.elias or not payloads or len(payloads) != len(ctxs):
+            return None
+        nb = _kernels(*(t for p in payloads for t in p))
+        ctx = ctxs[0]
+        if nb is None or ctx.dtype not in _ROUNDING or any(c.dtype != ctx.dtype for c in ctxs):
+            return None
+        n = 0
+        for p, c in zip(payloads, ctxs, strict=True):
+            n = self._check(p, c)
+            if c.shape != ctx.shape:
+                raise CompressionError(
+                    f"qsgd ranks disagree on the shape: {tuple(c.shape)} vs {tuple(ctx.shape)}"
+                )
+        if len(payloads) == 1:
+            codes, norms = payloads[0][0].view(1, -1), payloads[0][1].view(1, -1)
+        else:  # a copy of the compressed bytes only
+            codes = torch.stack([p[0] for p in payloads])
+            norms = torch.stack([p[1] for p in payloads])
+        out = torch.empty(n, dtype=torch.float32)
+        nb.qsgd_sum(
+            codes.numpy(), norms.numpy(), self.bucket_size, self.levels, self.bits,
+            _ROUNDING[ctx.dtype], float(scale), out.numpy(),
+        )  # fmt: skip
+        return out.view(ctx.shape)

@@ -17,16 +17,30 @@ Wire format (``n`` elements, trit ``t_i = sign(g_i) * b_i`` sent as ``t_i + 1`` 
   in the lowest two bits: ``ceil(n / 4)`` bytes. ``packing="base3"``:
   ``packing.pack_base3(t + 1)``, five per byte (``sum_j (t_j + 1) * 3**j``): ``ceil(n / 5)``.
 * part 1, ``float32[1]``: the scaler ``s`` (the shared one when given).
+
+On CPU tensors the statistics (one read pass: sum of squares and max ``|g|``, so that
+``max|clip(g)| = min(max|g|, c*sigma)``), the ternarization with its packing (a second pass)
+and the decoding run as numba kernels (:mod:`gradzip.compress._quant_numba`) when numba is
+importable, unless ``GRADZIP_NUMBA=0``; the torch code below is the reference and the fallback.
+Same wire format; the trits drawn for one seed differ from the torch path's (another
+generator), and ``sigma`` may differ in its last bit (another summation order). The
+statistics that :meth:`TernGrad.shared_stat` takes are kept on the tensor object until the
+:meth:`TernGrad.compress` that follows, which takes them instead of a second read pass when the
+tensor is provably unchanged (same version counter, data pointer, shape, strides and dtype);
+every other call reads the tensor again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from types import ModuleType
 from typing import ClassVar, Literal, NamedTuple
 
+import numpy as np
 import torch
 
+from gradzip.compress._numba import numba_kernels
 from gradzip.compress.base import (
     CompressionError,
     Compressor,
@@ -38,9 +52,48 @@ from gradzip.compress.base import (
     generator,
     register,
 )
-from gradzip.compress.packing import pack_base3, pack_bits, unpack_base3, unpack_bits
+from gradzip.compress.packing import (
+    pack_base3,
+    pack_bits,
+    packed_size,
+    unpack_base3,
+    unpack_bits,
+)
 
 __all__ = ["TernGrad", "Ternary"]
+
+#: the values of the codes 0, 1, 2 (3 is not a trit) before they are scaled
+_TRITS = torch.tensor([-1.0, 0.0, 1.0, 0.0])
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernels(*tensors: torch.Tensor) -> ModuleType | None:
+    """The numba kernels when every tensor is on the CPU and numba is on, else None."""
+    if any(t.device.type != "cpu" for t in tensors):
+        return None
+    return numba_kernels("_quant_numba")
+
+
+#: the attribute under which shared_stat leaves (stamp, sum of squares, max|g|) on a tensor
+_STATS = "_gradzip_terngrad_stats"
+
+
+def _stamp(tensor: torch.Tensor) -> tuple[object, ...] | None:
+    """What tells that ``tensor``'s values are unchanged since a previous call: its version
+    counter (every in-place op bumps it), data pointer, shape, strides and dtype. None for a
+    tensor without a version counter (made in inference mode): nothing is kept for it."""
+    try:
+        version = tensor._version
+    except RuntimeError:
+        return None
+    return version, tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype
+
+
+def _not_finite(tensor: torch.Tensor) -> CompressionError:
+    return CompressionError(
+        f"tensor of shape {tuple(tensor.shape)} holds NaN or Inf values; TernGrad needs "
+        "finite values"
+    )
 
 
 class Ternary(NamedTuple):
@@ -90,17 +143,74 @@ class TernGrad(Compressor):
 
     def shared_stat(self, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's scaler ``max|clip(g)|`` as a 0-d fp32 tensor; ranks MAX-reduce it."""
+        nb = _kernels(tensor)
+        if nb is not None:
+            return self._stats_numba(nb, tensor, keep=True)[1]
         return self._scaler(self._clipped(tensor), tensor)
 
     @staticmethod
     def _scaler(g: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
         scaler = g.abs().amax() if g.numel() else g.new_zeros(())
         if not bool(torch.isfinite(scaler)):
+            raise _not_finite(tensor)
+        return scaler
+
+    def _stats_numba(
+        self, nb: ModuleType, tensor: torch.Tensor, *, keep: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(flat fp32 ``g``, the scaler ``max|clip(g)|``, the clip bound or Inf) in one read
+        pass, or none when the previous call (``keep``: shared_stat) left them on this very
+        tensor and it is unchanged; the bound follows the reference's arithmetic from the
+        norm."""
+        g = as_float32_flat(tensor.detach()).contiguous()
+        n = g.numel()
+        if n == 0:
+            return g, g.new_zeros(()), math.inf
+        stamp = _stamp(tensor)
+        kept = tensor.__dict__.pop(_STATS, None)  # used once at most
+        if kept is not None and stamp is not None and kept[0] == stamp:
+            sumsq, top = kept[1], kept[2]
+        else:
+            x = g.numpy()
+            sumsq, top = nb.tern_stats(x, x.view(np.uint32))
+            if not math.isfinite(top):
+                raise _not_finite(tensor)
+        if keep and stamp is not None:
+            setattr(tensor, _STATS, (stamp, sumsq, top))
+        bound = math.inf
+        if self.clip:
+            sigma = torch.tensor(nb.norm32(sumsq)) / math.sqrt(n)
+            bound = float(self.clip * sigma)
+        return g, torch.tensor(min(top, bound), dtype=torch.float32), bound
+
+    @staticmethod
+    def _agree(local: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+        """The scaler to send: ``shared`` (checked against this rank's), else the local one."""
+        if shared is None:
+            return local
+        scaler = torch.as_tensor(shared, dtype=torch.float32, device=local.device).reshape(())
+        if not bool(torch.isfinite(scaler)) or bool(scaler < local):
             raise CompressionError(
-                f"tensor of shape {tuple(tensor.shape)} holds NaN or Inf values; TernGrad needs "
-                "finite values"
+                f"shared scaler {float(scaler)} is below this rank's scaler {float(local)} "
+                "(or not finite); it must be the MAX of shared_stat() over the ranks"
             )
         return scaler
+
+    def _compress_numba(
+        self, nb: ModuleType, tensor: torch.Tensor, seed: int, shared: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(packed trits, 0-d scaler) of ``tensor`` by the numba kernels."""
+        g, local, bound = self._stats_numba(nb, tensor)
+        scaler = self._agree(local, shared)
+        packed = torch.empty(self._packed_bytes(g.numel()), dtype=torch.uint8)
+        nb.tern_compress(
+            g.numpy(), bound, float(scaler), self.packing == "base3", nb.seed_key(seed),
+            packed.numpy(),
+        )  # fmt: skip
+        return packed, scaler
+
+    def _packed_bytes(self, n: int) -> int:
+        return packed_size(n, 2) if self.packing == "2bit" else (n + 4) // 5
 
     def ternarize(
         self, tensor: torch.Tensor, *, seed: int = 0, shared: torch.Tensor | None = None
@@ -109,15 +219,13 @@ class TernGrad(Compressor):
 
         ``values * scaler`` is an unbiased estimate of the clipped gradient.
         """
+        nb = _kernels(tensor)
+        if nb is not None:  # the trits of the numba payload
+            packed, scaler = self._compress_numba(nb, tensor, seed, shared)
+            payload = Payload((packed, scaler.reshape(1)))
+            return Ternary(self.unpack(payload, tensor.numel()).values, scaler)
         g = self._clipped(tensor)
-        scaler = local = self._scaler(g, tensor)
-        if shared is not None:
-            scaler = torch.as_tensor(shared, dtype=torch.float32, device=g.device).reshape(())
-            if not bool(torch.isfinite(scaler)) or bool(scaler < local):
-                raise CompressionError(
-                    f"shared scaler {float(scaler)} is below this rank's scaler {float(local)} "
-                    "(or not finite); it must be the MAX of shared_stat() over the ranks"
-                )
+        scaler = self._agree(self._scaler(g, tensor), shared)
         u = torch.rand(g.numel(), generator=generator(seed, g.device), device=g.device)
         # |g| / s <= 1; g may be a view of the caller's tensor, so nothing here is in place
         prob = g.abs() / scaler if bool(scaler > 0) else torch.zeros_like(g)
@@ -128,6 +236,10 @@ class TernGrad(Compressor):
         self, tensor: torch.Tensor, *, seed: int = 0, shared: torch.Tensor | None = None
     ) -> tuple[Payload, DenseCtx]:
         """Ternarize (with the shared MAX scaler when given) and pack the trits."""
+        nb = _kernels(tensor)
+        if nb is not None:
+            packed, scaler = self._compress_numba(nb, tensor, seed, shared)
+            return Payload((packed, scaler.reshape(1))), DenseCtx(tensor.shape, tensor.dtype)
         values, scaler = self.ternarize(tensor, seed=seed, shared=shared)
         trits = (values + 1).to(torch.uint8)
         packed = pack_bits(trits, 2) if self.packing == "2bit" else pack_base3(trits)
@@ -152,5 +264,47 @@ class TernGrad(Compressor):
 
     def decompress(self, payload: Payload, ctx: DenseCtx) -> torch.Tensor:
         check_parts(payload, "terngrad", [torch.uint8, torch.float32], [None, 1])
+        summed = self.decompress_sum([payload], [ctx])
+        if summed is not None:  # the numba path; its values are rounded to ctx.dtype already
+            return summed.to(ctx.dtype)
         values, scaler = self.unpack(payload, math.prod(ctx.shape))
         return (values.to(torch.float32) * scaler).to(ctx.dtype).view(ctx.shape)
+
+    def decompress_sum(
+        self, payloads: list[Payload], ctxs: list[DenseCtx], *, scale: float = 1.0
+    ) -> torch.Tensor | None:
+        """``scale * sum_r decompress(payloads[r], ctxs[r])`` in fp32 by the numba kernel, in
+        one pass over the output: each rank's values rounded to its ctx dtype, then added in
+        rank order, as the torch path of ``kernels.decompress_sum`` does. None where there is
+        no such path (not CPU, numba off, ranks of different dtypes)."""
+        if not payloads or len(payloads) != len(ctxs):
+            return None
+        nb = _kernels(*(t for p in payloads for t in p))
+        ctx = ctxs[0]
+        if nb is None or ctx.dtype not in _DTYPES or any(c.dtype != ctx.dtype for c in ctxs):
+            return None
+        n = math.prod(ctx.shape)
+        for p, c in zip(payloads, ctxs, strict=True):
+            check_parts(p, "terngrad", [torch.uint8, torch.float32], [None, 1])
+            if c.shape != ctx.shape:
+                raise CompressionError(
+                    f"terngrad ranks disagree on the shape: {tuple(c.shape)} vs "
+                    f"{tuple(ctx.shape)}"
+                )
+            if p[0].numel() != self._packed_bytes(n):
+                raise CompressionError(
+                    f"terngrad payload has {p[0].numel()} trit bytes; {n} trits "
+                    f"({self.packing}) need {self._packed_bytes(n)}"
+                )
+        if len(payloads) == 1:
+            codes, scalers = payloads[0][0].view(1, -1), payloads[0][1].view(1, 1)
+        else:  # a copy of the compressed bytes only
+            codes = torch.stack([p[0] for p in payloads])
+            scalers = torch.stack([p[1] for p in payloads])
+        # each rank's -s, 0, s as the reference's decompress rounds them
+        table = (_TRITS * scalers).to(ctx.dtype).to(torch.float32)
+        out = torch.empty(n, dtype=torch.float32)
+        if nb.tern_sum(codes.numpy(), table.numpy(), self.packing == "base3", float(scale),
+                       out.numpy()):
+            raise CompressionError("terngrad payload holds a code outside {0, 1, 2}")
+        return out.view(ctx.shape)
