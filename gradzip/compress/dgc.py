@@ -29,6 +29,15 @@ layers of a small model would send one or two a step (see the field's comment).
 
 The threshold comes from a sample of the elements, as in the paper: see
 :func:`gradzip.compress.topk.sparsify_sampled` (at most k entries, the largest ones).
+
+On the CPU, :meth:`DGC.compress_with_feedback` (the optimizer's fused step) runs the numba
+kernels of :mod:`gradzip.compress._sparse_numba` unless ``GRADZIP_NUMBA=0``: clipping's norm
+(when ``clip_norm`` is set) is one read of the gradient, then one pass computes ``u`` and
+``v`` and collects the candidates of the sampled threshold, and the masking touches only the
+sent entries. ``u``, ``v`` and the set sent equal the unfused steps' for the same seed, bit
+for bit (the sampled threshold trims with the reference's own ``torch.topk``; with
+``selection="exact"`` equal magnitudes at the cut go to the lowest indices, where torch.topk
+keeps any); the indices come in ascending order.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import dataclasses
 import math
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 
 from gradzip.compress.base import (
@@ -44,20 +54,25 @@ from gradzip.compress.base import (
     Compressor,
     Payload,
     Reduction,
+    check_dtype,
     check_parts,
     register,
 )
-from gradzip.compress.memory import Key, check_finite
+from gradzip.compress.memory import Key, Memory, check_finite
 from gradzip.compress.topk import (
     SELECTIONS,
     SparseCtx,
     check_ratio,
     desparsify,
+    feedback_failed,
+    sample_picks,
     select,
+    sparse_kernels,
     topk_count,
+    unfused_step,
 )
 
-__all__ = ["DGC", "DGCMemory", "check_optimizer", "warmup_density"]
+__all__ = ["DGC", "DGCMemory", "check_optimizer", "clip_scale", "warmup_density"]
 
 
 def _check_momentum(momentum: float) -> None:
@@ -80,6 +95,15 @@ def warmup_density(epoch: float, ratio: float, warmup_epochs: int, warmup_ratio:
     if e >= warmup_epochs:
         return ratio
     return max(ratio, warmup_ratio ** (e + 1))
+
+
+def clip_scale(limit: float | None, grad: torch.Tensor) -> float | None:
+    """The factor :meth:`DGCMemory.compensate` multiplies the fp32 gradient by, rounded to
+    fp32 as torch's ``mul_`` by a Python float does; None when it does not clip."""
+    if limit is None:
+        return None
+    norm = float(torch.linalg.vector_norm(grad.to(torch.float32)))
+    return float(np.float32(limit / norm)) if norm > limit else None
 
 
 class DGCMemory:
@@ -105,6 +129,7 @@ class DGCMemory:
         self.momenta: dict[Key, torch.Tensor] = {}
         self.velocities: dict[Key, torch.Tensor] = {}
         self._pending: dict[Key, torch.Tensor] = {}  # new u, between compensate and update
+        self.spare: dict[Key, list[torch.Tensor]] = {}  # buffers for fresh fused steps
 
     def _state(self, key: Key, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         u, v = self.momenta.get(key), self.velocities.get(key)
@@ -158,18 +183,43 @@ class DGCMemory:
             self.momenta[key], self.velocities[key] = u.clone(), v.clone()
         return u, v
 
-    def release(self, key: Key, snap: Any) -> None:
-        """The fused step since :meth:`snapshot` counted: nothing to keep."""
-        return None
+    def _keep_spare(self, key: Key, old: tuple[torch.Tensor | None, ...]) -> None:
+        """Keep the tensors of ``old`` that are not ``key``'s state now as its spares."""
+        current = (self.momenta.get(key), self.velocities.get(key))
+        bufs = self.spare.setdefault(key, [])
+        for t in old:
+            if t is not None and all(t is not c for c in current) and len(bufs) < 2:
+                bufs.append(t)
+
+    def spare_like(self, key: Key, like: torch.Tensor) -> torch.Tensor:
+        """An fp32 buffer of ``like``'s shape for ``key``'s next ``u`` or ``v``, never a
+        current one: one released by the last fused step when it fits (no new allocation,
+        no page faults), else a new one. Two calls give two buffers."""
+        state = (self.momenta.get(key), self.velocities.get(key))
+        current = {t.data_ptr() for t in state if t is not None}
+        want = (like.numel(), torch.float32, like.device)
+        bufs = self.spare.get(key, [])
+        while bufs:
+            buf = bufs.pop()
+            fits = (buf.numel(), buf.dtype, buf.device) == want
+            if fits and buf.data_ptr() not in current and buf.data_ptr() != like.data_ptr():
+                return buf.view(like.shape)
+        return torch.empty(like.shape, dtype=torch.float32, device=like.device)
+
+    def release(self, key: Key, snap: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """The fused step since :meth:`snapshot` counted: the old ``u`` and ``v`` (where the
+        step wrote new ones) become the next step's buffers (:meth:`spare_like`)."""
+        if snap is not None:
+            self._keep_spare(key, snap)
 
     def restore(self, key: Key, snap: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        """Undo the fused step since :meth:`snapshot` returned ``snap``."""
+        """Undo the fused step since :meth:`snapshot` returned ``snap`` (what it wrote becomes
+        spare)."""
         self._pending.pop(key, None)
-        if snap is None:
-            self.momenta.pop(key, None)
-            self.velocities.pop(key, None)
-        else:
+        written = (self.momenta.pop(key, None), self.velocities.pop(key, None))
+        if snap is not None:
             self.momenta[key], self.velocities[key] = snap
+        self._keep_spare(key, written)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -189,6 +239,7 @@ class DGCMemory:
         self.momenta = {k: t.clone().to(torch.float32) for k, t in state["momenta"].items()}
         self.velocities = {k: t.clone().to(torch.float32) for k, t in state["velocities"].items()}
         self._pending = {}
+        self.spare = {}
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
@@ -322,3 +373,67 @@ class DGC(Compressor):
     def decompress(self, payload: Payload, ctx: SparseCtx) -> torch.Tensor:
         check_parts(payload, "dgc", [torch.int32, torch.float32])
         return desparsify(payload[0], payload[1], ctx.numel).to(ctx.dtype).view(ctx.shape)
+
+    def fresh_feedback(self, grad: torch.Tensor) -> bool:
+        """Whether :meth:`compress_with_feedback` writes the new ``u`` and ``v`` into buffers
+        of their own at no extra traffic (``fresh=True``): the numba step on CPU tensors."""
+        return grad.device.type == "cpu" and sparse_kernels() is not None
+
+    def compress_with_feedback(
+        self, memory: Memory, key: Key, grad: torch.Tensor, *, seed: int = 0, fresh: bool = False
+    ) -> tuple[Payload, SparseCtx]:
+        """``DGCMemory.compensate`` + :meth:`compress` + ``DGCMemory.update`` in one pass.
+
+        ``u`` and ``v`` end as after the unfused steps, bit for bit (the momentum is one fma,
+        as torch's ``add(g, u, alpha=m)``); the payload selects the same set (see the module
+        docstring for ties under ``selection="exact"``), with an fp32 ctx. A NaN/Inf gradient raises a
+        CompressionError naming ``key`` and leaves ``u`` and ``v`` as they were. ``fresh``:
+        the new ``u`` and ``v`` go into other buffers (``memory.spare_like``) and the old
+        tensors are left untouched. Elsewhere (CUDA, numba off) the unfused steps run.
+        """
+        kern = sparse_kernels() if grad.device.type == "cpu" else None
+        if kern is None or not isinstance(memory, DGCMemory) or not grad.numel():
+            return unfused_step(self, memory, key, grad, seed)
+        check_dtype(grad, f"gradient {key!r}")
+        flat = grad.detach().reshape(-1).to(torch.float32).contiguous()
+        u, v = memory.momenta.get(key), memory.velocities.get(key)
+        has = u is not None and v is not None
+        if has:
+            memory._state(key, grad)  # raises on a shape mismatch
+        if memory.check and not fresh and kern.probe(flat.numpy()):
+            check_finite(key, flat)  # raises before u and v are touched
+        n = flat.numel()
+        uf = u.contiguous().view(-1) if u is not None and has else flat
+        vf = v.contiguous().view(-1) if v is not None and has else flat
+        inplace = has and not fresh
+        u2 = uf if inplace else memory.spare_like(key, flat)
+        v2 = vf if inplace else memory.spare_like(key, flat)
+        scale = clip_scale(memory.clip_norm, flat)
+        m, s = np.float32(memory.momentum), np.float32(1.0 if scale is None else scale)
+        g, ru, rv, ou, ov = flat.numpy(), uf.numpy(), vf.numpy(), u2.numpy(), v2.numpy()
+
+        def sample(picks: np.ndarray) -> np.ndarray:
+            got = np.empty(picks.size, dtype=np.float32)
+            kern.dgc_sample(g, ru, rv, has, m, s, picks, got)
+            return got
+
+        k = self.count(n)
+        got = kern.choose(
+            n,
+            k,
+            ov,
+            lambda thr, buf: kern.dgc_pass(g, ru, rv, ou, ov, has, m, s, thr, buf),
+            sample,
+            sample_picks(n, k, self.selection, self.sample_ratio, seed),
+        )
+        if got is None:
+            if not inplace:
+                memory.spare[key] = [u2, v2]  # the old u and v stay, untouched
+            else:
+                memory.momenta.pop(key, None)
+            feedback_failed(memory.velocities, key, flat, memory.check, inplace)
+        idx, vals = got
+        kern.mask_dgc(ou, ov, idx, vals)
+        memory.momenta[key], memory.velocities[key] = u2.view(grad.shape), v2.view(grad.shape)
+        payload = Payload((torch.from_numpy(idx), torch.from_numpy(vals)))
+        return payload, SparseCtx(grad.shape, torch.float32, n)

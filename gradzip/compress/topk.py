@@ -5,7 +5,16 @@ Only the ``k = ceil(ratio * n)`` entries of largest magnitude are sent, as a pai
 keeps the unsent part and adds it to the next gradient, so nothing is lost, only delayed.
 
 The pure functions :func:`sparsify`, :func:`sparsify_sampled` and :func:`desparsify` are shared
-with the sparse allreduce and with DGC.
+with the sparse allreduce and with DGC; they are the torch reference.
+
+On the CPU, with numba importable and unless ``GRADZIP_NUMBA=0``, :func:`select` (so
+:meth:`TopK.compress` and :meth:`DGC.compress`), :func:`desparsify_into` and the fused step
+:meth:`TopK.compress_with_feedback` run the kernels of :mod:`gradzip.compress._sparse_numba`:
+one pass over memory instead of about a dozen, no sort. Same selection: the exact top-k set
+(among equal magnitudes at the cut the lowest indices are kept, where torch.topk keeps any),
+or the reference's sampled set from the same draws, ties included. The indices come in
+ascending order; the torch path sends them in no particular order. Either is a valid payload
+(unique indices, in any order).
 """
 
 from __future__ import annotations
@@ -13,20 +22,25 @@ from __future__ import annotations
 import dataclasses
 import decimal
 import math
-from typing import ClassVar, Literal, NamedTuple
+from types import ModuleType
+from typing import Any, ClassVar, Literal, NamedTuple, NoReturn
 
+import numpy as np
 import torch
 
+from gradzip.compress._numba import numba_kernels
 from gradzip.compress.base import (
     CompressionError,
     Compressor,
     Payload,
     Reduction,
     as_float32_flat,
+    check_dtype,
     check_parts,
     generator,
     register,
 )
+from gradzip.compress.memory import Key, Memory, ResidualMemory, check_finite
 
 __all__ = [
     "SparseCtx",
@@ -34,10 +48,14 @@ __all__ = [
     "check_ratio",
     "desparsify",
     "desparsify_into",
+    "feedback_failed",
+    "sample_picks",
     "select",
+    "sparse_kernels",
     "sparsify",
     "sparsify_sampled",
     "topk_count",
+    "unfused_step",
 ]
 
 INDEX_LIMIT = 2**31 - 1  # indices travel as int32
@@ -51,6 +69,24 @@ class SparseCtx(NamedTuple):
     shape: torch.Size
     dtype: torch.dtype
     numel: int
+
+
+def sparse_kernels() -> ModuleType | None:
+    """The numba kernels of :mod:`gradzip.compress._sparse_numba`, or None when numba is
+    missing or the env sets ``GRADZIP_NUMBA=0``."""
+    return numba_kernels("_sparse_numba")
+
+
+def sample_picks(
+    n: int, k: int, selection: str, sample_ratio: float, seed: int
+) -> np.ndarray | None:
+    """The positions :func:`sparsify_sampled` samples for ``select(..., seed)`` on the CPU
+    (the same draws from the same generator), or None where the reference selects exactly."""
+    sample_size = max(MIN_SAMPLE, math.ceil(sample_ratio * n))
+    if selection == "exact" or k == 0 or k == n or sample_size >= n:
+        return None
+    picks = torch.randint(n, (sample_size,), generator=generator(seed, "cpu"))
+    return picks.numpy()
 
 
 def check_ratio(value: float, option: str = "ratio", owner: str = "topk") -> None:
@@ -168,6 +204,15 @@ def desparsify_into(out: torch.Tensor, indices: torch.Tensor, values: torch.Tens
     if indices.dtype not in (torch.int32, torch.int64):
         raise CompressionError(f"sparse indices have dtype {indices.dtype}; expected torch.int32")
     n = out.numel()
+    kern = sparse_kernels() if out.device.type == "cpu" else None
+    if kern is not None and out.dtype == torch.float32 and out.is_contiguous():
+        vals = values.detach().to(torch.float32).contiguous().numpy()
+        lo, hi = kern.scatter_add(out.view(-1).numpy(), indices.contiguous().numpy(), vals)
+        if indices.numel() and (lo < 0 or hi >= n):
+            raise CompressionError(
+                f"sparse index range [{lo}, {hi}] does not fit a tensor of {n} elements"
+            )
+        return out
     if indices.numel():
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= n:
@@ -192,6 +237,20 @@ def select(
     flat = as_float32_flat(tensor)
     if k is None:
         k = topk_count(density, flat.numel())
+    kern = sparse_kernels() if flat.device.type == "cpu" else None
+    if kern is not None and 0 < k <= flat.numel() <= INDEX_LIMIT:
+        arr = flat.detach().contiguous().numpy()
+        got = kern.choose(
+            arr.size,
+            k,
+            arr,
+            lambda thr, buf: kern.scan(arr, thr, buf),
+            lambda p: arr[p],
+            sample_picks(arr.size, k, selection, sample_ratio, seed),
+        )
+        if got is not None:  # NaN/Inf values: the reference decides what they become
+            payload = Payload((torch.from_numpy(got[0]), torch.from_numpy(got[1])))
+            return payload, SparseCtx(tensor.shape, tensor.dtype, flat.numel())
     if selection == "exact":
         idx, vals = sparsify(flat, k)
     else:
@@ -248,3 +307,90 @@ class TopK(Compressor):
     def decompress(self, payload: Payload, ctx: SparseCtx) -> torch.Tensor:
         check_parts(payload, "topk", [torch.int32, torch.float32])
         return desparsify(payload[0], payload[1], ctx.numel).to(ctx.dtype).view(ctx.shape)
+
+    def fresh_feedback(self, grad: torch.Tensor) -> bool:
+        """Whether :meth:`compress_with_feedback` writes the new residual into a buffer of its
+        own at no extra traffic (``fresh=True``): the numba step on CPU tensors."""
+        return grad.device.type == "cpu" and sparse_kernels() is not None
+
+    def compress_with_feedback(
+        self, memory: Memory, key: Key, grad: torch.Tensor, *, seed: int = 0, fresh: bool = False
+    ) -> tuple[Payload, SparseCtx]:
+        """``memory.compensate`` + :meth:`compress` + ``memory.update`` in one pass.
+
+        Afterwards ``residual == (old residual + grad) - decompress(payload)`` exactly, as
+        with the unfused steps (the payload: :func:`select` of ``residual + grad``, fp32
+        ctx). A NaN/Inf gradient raises a CompressionError naming ``key`` and leaves the
+        residual as it was. ``fresh``: the new residual goes into another buffer
+        (``memory.spare_like``) and the old tensor is left untouched, so a caller holding it
+        can put it back. Elsewhere (CUDA, numba off, no residual memory) the three steps run
+        one after the other, through the kernel dispatch.
+        """
+        kern = sparse_kernels() if grad.device.type == "cpu" else None
+        if kern is None or not isinstance(memory, ResidualMemory) or not grad.numel():
+            return unfused_step(self, memory, key, grad, seed)
+        check_dtype(grad, f"gradient {key!r}")
+        flat = grad.detach().reshape(-1).to(torch.float32).contiguous()
+        residual = memory.residuals.get(key)
+        if residual is not None and residual.shape != grad.shape:
+            memory.compensate(key, grad)  # raises the shape-mismatch error
+        if memory.check and not fresh and kern.probe(flat.numpy()):
+            check_finite(key, flat)  # raises before the residual is touched
+        n = flat.numel()
+        res = flat if residual is None else residual.contiguous().view(-1)
+        inplace = residual is not None and not fresh
+        target = res if inplace else memory.spare_like(key, res)
+        r, g, out = res.numpy(), flat.numpy(), target.numpy()
+        has = residual is not None
+
+        def sample(picks: np.ndarray) -> np.ndarray:
+            got = np.empty(picks.size, dtype=np.float32)
+            kern.sum_sample(r, g, has, picks, got)
+            return got
+
+        k = topk_count(self.ratio, n)
+        got = kern.choose(
+            n,
+            k,
+            out,
+            lambda thr, buf: kern.topk_pass(r, g, out, has, thr, buf),
+            sample,
+            sample_picks(n, k, self.selection, self.sample_ratio, seed),
+        )
+        if got is None:
+            if not inplace:
+                memory.spare[key] = target  # the old residual stays, untouched
+            feedback_failed(memory.residuals, key, flat, memory.check, inplace)
+        idx, vals = got
+        kern.mask_residual(out, idx, vals)
+        memory.residuals[key] = target.view(grad.shape)
+        payload = Payload((torch.from_numpy(idx), torch.from_numpy(vals)))
+        return payload, SparseCtx(grad.shape, torch.float32, n)
+
+
+def unfused_step(
+    comp: Compressor, memory: Any, key: Key, grad: torch.Tensor, seed: int
+) -> tuple[Payload, SparseCtx]:
+    """Compensate, compress and update one after the other (kernels where they apply)."""
+    from gradzip.compress import kernels
+
+    compensated = memory.compensate(key, grad)
+    payload, ctx = kernels.compress(comp, compensated, seed=seed)
+    memory.update(key, compensated, kernels.decompress(comp, payload, ctx))
+    return payload, ctx
+
+
+def feedback_failed(
+    state: dict[Key, torch.Tensor], key: Key, grad: torch.Tensor, check: bool, inplace: bool
+) -> NoReturn:
+    """Raise for a fused step whose compensated values hold NaN/Inf: the gradient's own
+    check (naming ``key``) when it is the culprit and ``check`` is on; otherwise the state
+    (of ``state``) overflowed, and where the step wrote over it in place it is reset."""
+    if check:
+        check_finite(key, grad)
+    if inplace:
+        state.pop(key, None)
+    raise CompressionError(
+        f"gradient {key!r}: its compensated values hold NaN or Inf; its error-feedback state "
+        + ("was reset" if inplace else "is unchanged")
+    )
