@@ -131,7 +131,8 @@ def _qsgd_codes(x, i0, i1, c0, scale, lv, u, codes) -> None:
         a = a if a < lv else lv
         f = np.float32(np.int32(a))  # floor: a >= 0
         level = f + np.float32(us[j] < a - f)
-        code = level + level + np.float32((v < 0) & (level > 0))
+        two = level + level
+        code = two + np.float32(1.0) if (v < 0) & (level > 0) else two  # a select
         cs[j] = np.uint8(np.int32(code))
 
 
