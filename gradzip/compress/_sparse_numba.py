@@ -7,27 +7,29 @@ importing this module imports numba, so those modules import it lazily and keep 
 code as the reference and the fallback. The payload is the reference's ``(int32 indices, fp32
 values)`` with the indices in **ascending order** (unique, as every sparse payload).
 
-Selection without a sort, in one pass over memory. Magnitudes are compared through their
-float bits: ``bits(|x|)`` (the fp32 pattern with the sign cleared) is monotonic in ``|x|``,
-and NaN/Inf have the largest patterns, so one integer compare against a threshold's bits
-tells candidates apart. A threshold is known *before* the pass from a sample of the values
-(computed at the sampled positions from the old state, with the pass's own arithmetic), so
-the pass that computes the new values (``res + grad``, or DGC's momentum and velocity) also
-appends the index of every value at or above the threshold to a candidate buffer:
+Selection without a sort, in one pass over memory. A threshold is known *before* the pass,
+from a sample of the values computed at the sampled positions from the old state with the
+pass's own arithmetic, so the pass that computes the new values (``res + grad``, or DGC's
+momentum and velocity) also collects every position with ``|v| >= threshold`` and its value
+(chunks of :data:`_CHUNK` elements: one vectorised loop writes a flag byte per element, then
+the set bits of the flags read as 64-bit words give the positions). Between candidates,
+magnitudes are compared through their float bits: ``bits(|x|)``, the fp32 pattern with the
+sign cleared, is monotonic in ``|x|``.
 
-* ``exact`` (:func:`choose` without picks): a strided sample, a threshold aimed a little
-  low so that the candidates usually number a little over ``k``; the exact top-k among them
-  by a radix select on their bits (:func:`cut`). Too few or too many candidates: a radix
-  select over all values instead (three more passes, rare). The set is always the exact
-  top-k by magnitude; among equal magnitudes at the cut the lowest indices are kept.
+* ``exact`` (:func:`choose` without picks): an evenly spread sample, a threshold aimed a
+  little low so that the candidates usually number a little over ``k``; the exact top-k
+  among them by a radix select on their bits (:func:`cut`). Fewer than ``k`` candidates: a
+  radix select over all values instead (about four more passes, rare); more than the buffer
+  holds: a read-only rescan. The set is always the exact top-k by magnitude; among equal
+  magnitudes at the cut the lowest indices are kept (torch.topk keeps any of them).
 * ``sampled`` (picks given): the reference's ladder of thresholds from the same random picks
   (:func:`gradzip.compress.topk.sparsify_sampled`); the candidates at or above the lowest
   threshold give the count at every rung, so the same threshold is chosen, and when it
   selects more than ``k`` the reference's own trim (``torch.topk`` of those few, in index
   order) keeps ``k``: the same set as the reference, ties included.
 
-A NaN/Inf value is always a candidate (its bits exceed any finite threshold's), so
-:func:`choose` sees it among the candidates and returns None.
+A NaN/Inf value makes the pass's probe ``sum(v - v)`` NaN, so :func:`choose` returns None
+(after the pass: the caller decides what becomes of what it wrote).
 """
 
 # mypy: ignore-errors
@@ -64,7 +66,7 @@ __all__ = [
 
 _ABS = np.uint32(0x7FFFFFFF)  # clears the sign bit: bits(|x|)
 _INF = np.uint32(0x7F800000)  # bits(inf); NaN patterns are above it
-#: elements of the strided sample that aims the exact selection's threshold
+#: elements of the evenly spread sample that aims the exact selection's threshold
 _SAMPLE = 16384
 
 
@@ -168,7 +170,8 @@ def _count(flags, size):
 @_jit(fast=True)
 def topk_pass(res, grad, out, has_res, thr, buf):
     """``out = res + grad`` (``grad`` alone when not ``has_res``: a copy, ``-0.0`` kept),
-    appending to ``buf`` the position of every ``|out| >= thr``, in ascending order.
+    appending the position of every ``|out| >= thr`` to ``buf[0]`` (ascending) and its value
+    to ``buf[1]`` (read as fp32).
 
     Returns ``(count, full)``: ``full`` when ``buf`` was too small (then only counted); the
     count is -1 when some ``out`` is NaN or infinite (the pass is complete all the same).
@@ -208,15 +211,15 @@ def topk_pass(res, grad, out, has_res, thr, buf):
 
 
 @_jit(fast=True)
-def dgc_pass(grad, u, v, u2, v2, has_state, m, s, thr, buf):
-    """DGC's momentum correction: ``u2 = fma(m, u, s*grad)``, ``v2 = v + u2`` (``u`` and
-    ``v`` zero when not ``has_state``; ``s = 1`` is exact), with the candidates of
-    :func:`topk_pass` on ``v2``. ``u2``/``v2`` may be ``u``/``v`` (in place)."""
+def dgc_pass(grad, u, v, u2, v2, m, s, thr, buf):
+    """DGC's momentum correction: ``u2 = fma(m, u, s*grad)``, ``v2 = v + u2`` (``s = 1`` is
+    exact), with the candidates of :func:`topk_pass` on ``v2``. ``u2``/``v2`` may be
+    ``u``/``v`` (in place). Per chunk ``u2`` first, then ``v2`` from it while it is in L1:
+    two loops of fewer streams each vectorise better than one."""
     n = grad.size
     c = 0
     full = False
     chk = np.float32(0.0)
-    zero = np.float32(0.0)
     flags = np.zeros(_CHUNK, dtype=np.uint8)
     words = flags.view(np.uint64)
     at = buf[0]
@@ -224,26 +227,17 @@ def dgc_pass(grad, u, v, u2, v2, has_state, m, s, thr, buf):
     for lo in range(0, n, _CHUNK):
         size = min(_CHUNK, n - lo)
         g = grad[lo : lo + size]
+        ui = u[lo : lo + size]
+        vi = v[lo : lo + size]
         uo = u2[lo : lo + size]
         vo = v2[lo : lo + size]
-        if has_state:
-            ui = u[lo : lo + size]
-            vi = v[lo : lo + size]
-            for j in range(size):
-                uu = _fma(m, ui[j], g[j] * s)
-                vv = vi[j] + uu
-                uo[j] = uu
-                vo[j] = vv
-                flags[j] = np.uint8(abs(vv) >= thr)
-                chk += vv - vv
-        else:
-            for j in range(size):
-                uu = _fma(m, zero, g[j] * s)
-                vv = zero + uu
-                uo[j] = uu
-                vo[j] = vv
-                flags[j] = np.uint8(abs(vv) >= thr)
-                chk += vv - vv
+        for j in range(size):
+            uo[j] = _fma(m, ui[j], g[j] * s)
+        for j in range(size):
+            vv = vi[j] + uo[j]
+            vo[j] = vv
+            flags[j] = np.uint8(abs(vv) >= thr)
+            chk += vv - vv
         if full or c + size > at.size:
             full = True
             c += _count(flags, size)
@@ -286,13 +280,11 @@ def sum_sample(res, grad, has_res, picks, out):
 
 
 @_jit()
-def dgc_sample(grad, u, v, has_state, m, s, picks, out):
+def dgc_sample(grad, u, v, m, s, picks, out):
     """``out[j]`` = the ``v2`` of :func:`dgc_pass` at position ``picks[j]``."""
-    zero = np.float32(0.0)
     for j in range(picks.size):
         p = picks[j]
-        uu = _fma(m, u[p] if has_state else zero, grad[p] * s)
-        out[j] = (v[p] if has_state else zero) + uu
+        out[j] = v[p] + _fma(m, u[p], grad[p] * s)
 
 
 # ------------------------------------------------------------------------- selection
@@ -432,6 +424,17 @@ def _candidates(
     return buf[0], buf[1].view(np.float32), int(count), bool(full)
 
 
+def _everything(
+    n: int, vals: np.ndarray, run: Callable[[np.float32, np.ndarray], tuple[int, bool]]
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """All ``n`` values (``k == n``): one pass with threshold 0 collects every position."""
+    buf = np.empty((2, n + _CHUNK), dtype=np.int32)
+    count, _ = run(np.float32(0.0), buf)
+    if count < 0:
+        return None
+    return buf[0, :n].copy(), buf[1, :n].view(np.float32).copy()
+
+
 def _rescan(vals: np.ndarray, tb: int, count: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``count`` positions and values with bits(|v|) ``>= tb``: a read-only pass."""
     buf = np.empty((2, count + _CHUNK), dtype=np.int32)
@@ -460,9 +463,10 @@ def choose(
     """
     exact = picks is None
     if picks is None:
+        if k == n:  # everything: every value is a candidate of threshold 0
+            return _everything(n, vals, run)
         s = min(n, _SAMPLE)
-        step = n // s
-        picks = np.arange(s, dtype=np.int64) * step + step // 2
+        picks = (np.arange(s, dtype=np.int64) * n + n // 2) // s  # evenly spread
         rank = math.ceil(k * s / n)  # aimed low, so that one pass usually finds >= k
         ranks = [min(s, math.ceil(1.25 * rank) + 8) if s < n else rank]
     else:
@@ -470,10 +474,10 @@ def choose(
         ranks = [math.ceil(k * s / n)]
         while len(ranks) < max(1, rounds) and ranks[-1] != s:
             ranks.append(min(s, 2 * ranks[-1]))
-    got = sample(picks)
+    got = sample(np.sort(picks))  # ascending positions: a gather the prefetchers follow
     floors = [int(f) for f in ranked(got, np.array(ranks, dtype=np.int64))]
     if (got.view(np.uint32) & _ABS).max() >= _INF:
-        floors = [int(_INF)] * len(floors)  # the pass still runs; its NaN/Inf are found below
+        floors = [int(_INF)] * len(floors)  # the pass still runs and finds its NaN/Inf
     at, cv, count, over = _candidates(run, floors[-1], ranks[-1] * n / s, n)
     if count < 0:
         return None

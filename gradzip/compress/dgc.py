@@ -386,8 +386,9 @@ class DGC(Compressor):
 
         ``u`` and ``v`` end as after the unfused steps, bit for bit (the momentum is one fma,
         as torch's ``add(g, u, alpha=m)``); the payload selects the same set (see the module
-        docstring for ties under ``selection="exact"``), with an fp32 ctx. A NaN/Inf gradient raises a
-        CompressionError naming ``key`` and leaves ``u`` and ``v`` as they were. ``fresh``:
+        docstring for ties under ``selection="exact"``), with an fp32 ctx. A NaN/Inf
+        gradient raises a CompressionError naming ``key`` and leaves ``u`` and ``v`` as they
+        were. ``fresh``:
         the new ``u`` and ``v`` go into other buffers (``memory.spare_like``) and the old
         tensors are left untouched. Elsewhere (CUDA, numba off) the unfused steps run.
         """
@@ -396,15 +397,12 @@ class DGC(Compressor):
             return unfused_step(self, memory, key, grad, seed)
         check_dtype(grad, f"gradient {key!r}")
         flat = grad.detach().reshape(-1).to(torch.float32).contiguous()
-        u, v = memory.momenta.get(key), memory.velocities.get(key)
-        has = u is not None and v is not None
-        if has:
-            memory._state(key, grad)  # raises on a shape mismatch
+        has = key in memory.momenta and key in memory.velocities
+        u, v = memory._state(key, grad)  # zeros on the first step; raises on a shape mismatch
         if memory.check and not fresh and kern.probe(flat.numpy()):
             check_finite(key, flat)  # raises before u and v are touched
         n = flat.numel()
-        uf = u.contiguous().view(-1) if u is not None and has else flat
-        vf = v.contiguous().view(-1) if v is not None and has else flat
+        uf, vf = u.contiguous().view(-1), v.contiguous().view(-1)
         inplace = has and not fresh
         u2 = uf if inplace else memory.spare_like(key, flat)
         v2 = vf if inplace else memory.spare_like(key, flat)
@@ -414,7 +412,7 @@ class DGC(Compressor):
 
         def sample(picks: np.ndarray) -> np.ndarray:
             got = np.empty(picks.size, dtype=np.float32)
-            kern.dgc_sample(g, ru, rv, has, m, s, picks, got)
+            kern.dgc_sample(g, ru, rv, m, s, picks, got)
             return got
 
         k = self.count(n)
@@ -422,7 +420,7 @@ class DGC(Compressor):
             n,
             k,
             ov,
-            lambda thr, buf: kern.dgc_pass(g, ru, rv, ou, ov, has, m, s, thr, buf),
+            lambda thr, buf: kern.dgc_pass(g, ru, rv, ou, ov, m, s, thr, buf),
             sample,
             sample_picks(n, k, self.selection, self.sample_ratio, seed),
         )
