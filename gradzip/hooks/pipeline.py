@@ -47,6 +47,7 @@ from gradzip.allreduce.strategies import Entry, Reduced, Strategy, strategy_for
 from gradzip.compress import kernels
 from gradzip.compress.base import CompressionError, Compressor, Reduction, derive_seed
 from gradzip.compress.memory import NoMemory
+from gradzip.compress.memory import all_finite as is_finite
 from gradzip.compress.sfb import SFB, sfb_pays
 from gradzip.hooks.momentum import MomentumCorrection
 from gradzip.hooks.policy import DENSE, check_dense_steps
@@ -63,18 +64,6 @@ def check_nonfinite(nonfinite: object) -> str:
     if nonfinite not in NONFINITE:
         raise ValueError(f"nonfinite={nonfinite!r}; expected one of {NONFINITE}")
     return str(nonfinite)
-
-
-def is_finite(t: torch.Tensor) -> bool:
-    """Whether ``t`` holds no NaN and no Inf: one read of ``t`` and one host sync.
-
-    A NaN or an Inf anywhere makes the fp32 sum non-finite, so a finite sum proves every
-    element finite (at about 0.16x the time of ``t.clone()`` on one CPU thread, against 4.9x
-    for ``isfinite(t).all()``); only a non-finite sum, which a huge but finite tensor can also
-    give, is checked element by element."""
-    if t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=torch.float32))):
-        return True
-    return bool(torch.isfinite(t).all())
 
 
 def passes_nonfinite(c: Compressor) -> bool:
