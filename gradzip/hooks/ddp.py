@@ -52,8 +52,9 @@ import torch
 import torch.distributed as dist
 
 from gradzip.allreduce.backend import Backend, PeerLost, ReduceOp, Work, control, wire_bytes
-from gradzip.allreduce.fusion import check_consistent
-from gradzip.allreduce.strategies import Entry, Reduced, strategy_for
+from gradzip.allreduce.consistency import check_consistent
+from gradzip.allreduce.entry import Entry, Reduced
+from gradzip.allreduce.select import strategy_for
 from gradzip.compress.base import CompressionError, Compressor, Reduction, compressor
 from gradzip.compress.dgc import DGC, check_optimizer
 from gradzip.compress.memory import NoMemory
@@ -424,7 +425,7 @@ def ddp_comm_hook(
     ``compression``: a compressor or a spec such as ``"topk:ratio=0.01"`` (any except SFB);
     ``process_group``: the group to reduce over (None: a new group of all ranks, with gradzip's
     timeout; every rank must call this); ``gather``/``sparse``: the strategy for GATHER and
-    SPARSE payloads (:func:`~gradzip.allreduce.strategies.strategy_for`); ``verify``: check
+    SPARSE payloads (:func:`~gradzip.allreduce.select.strategy_for`); ``verify``: check
     that ranks agree on every bucket before it moves (one tiny allreduce per bucket);
     ``dense_steps``: the first that many iterations allreduce the plain buckets (no error
     feedback), then compression starts, like torch's PowerSGD hook's ``start_powerSGD_iter``

@@ -278,7 +278,7 @@ def DistributedOptimizer(
     else torch.distributed. ``backward_passes_per_step``: passes summed locally (as Horovod,
     not averaged) before one communication. ``seed``: stochastic compressors draw from
     (seed, step, name, rank). ``gather``/``sparse``: the strategies of
-    :func:`gradzip.allreduce.strategies.strategy_for`. Parameters with ``requires_grad=False``
+    :func:`gradzip.allreduce.select.strategy_for`. Parameters with ``requires_grad=False``
     when wrapping are never communicated. ``dense_steps``: the first that many steps send
     every gradient uncompressed (a dense allreduce, no error feedback); compression and error
     feedback start after them, like torch's PowerSGD hook's ``start_powerSGD_iter``. The

@@ -42,8 +42,11 @@ from typing import Any
 import torch
 
 from gradzip.allreduce.backend import Backend, PeerLost, ReduceOp, Work, control
-from gradzip.allreduce.fusion import check_consistent, plan_buckets
-from gradzip.allreduce.strategies import Entry, Reduced, Strategy, strategy_for
+from gradzip.allreduce.consistency import check_consistent
+from gradzip.allreduce.entry import Entry, Reduced
+from gradzip.allreduce.fusion import plan_buckets
+from gradzip.allreduce.select import strategy_for
+from gradzip.allreduce.strategy import Strategy
 from gradzip.compress import kernels
 from gradzip.compress.base import CompressionError, Compressor, Reduction, derive_seed
 from gradzip.compress.memory import NoMemory

@@ -13,8 +13,10 @@ from helpers import Sign, rank_grads
 
 import gradzip
 from gradzip.allreduce.backend import Backend, LocalBackend, wire_bytes
-from gradzip.allreduce.fusion import Reducer, pack, plan_buckets, unpack
-from gradzip.allreduce.strategies import Entry, Reduced, strategy_for
+from gradzip.allreduce.entry import Entry, Reduced
+from gradzip.allreduce.fusion import Reducer, plan_buckets
+from gradzip.allreduce.select import strategy_for
+from gradzip.allreduce.wire import pack, unpack
 from gradzip.compress.base import CompressionError, Payload
 
 MODEL = {f"layer{i}.{'weight' if i % 2 else 'bias'}": (3 + i % 17, 4) for i in range(200)}
@@ -186,7 +188,7 @@ def test_wire_bytes_model() -> None:
 
 def test_strategy_choice_and_state() -> None:
     """strategy_for names the bad choice; scatter_gather's server residuals round-trip."""
-    from gradzip.allreduce.strategies import ScatterGatherStrategy
+    from gradzip.allreduce.scatter_gather import ScatterGatherStrategy
 
     with pytest.raises(ValueError, match=r"gather='ring' is not a strategy.*scatter_gather"):
         strategy_for(Sign(), gather="ring")
