@@ -53,7 +53,7 @@ class ScatterGatherStrategy(Strategy):
         chunks = [
             Entry(f"{e.key}/chunk{j}", t.contiguous())
             for e in entries
-            for j, t in enumerate(torch.tensor_split(flat_gradient(e), p))
+            for j, t in enumerate(torch.tensor_split(flat_gradient(e, self.name), p))
         ]
         payloads, ctxs = compress_entries(backend, c, chunks, seed, step)
         return (

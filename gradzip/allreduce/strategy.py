@@ -178,11 +178,11 @@ def local_results(
     ]
 
 
-def flat_gradient(e: Entry) -> torch.Tensor:
-    """The entry's gradient as a flat view; a strategy that splits or re-encodes the
-    gradient itself cannot take a precompressed payload."""
+def flat_gradient(e: Entry, strategy: str) -> torch.Tensor:
+    """The entry's gradient as a flat view; ``strategy`` (its name, for the message) splits
+    or re-encodes the gradient itself, so it cannot take a precompressed payload."""
     if e.tensor is None:
-        raise CompressionError(f"entry {e.key!r}: scatter_gather needs the gradient, not a payload")
+        raise CompressionError(f"entry {e.key!r}: {strategy} needs the gradient, not a payload")
     return e.tensor.reshape(-1)
 
 

@@ -40,7 +40,7 @@ class TernarySumStrategy(Strategy):
                 f"strategy 'ternary_sum' needs a compressor with ternarize() (terngrad); "
                 f"got {c.spec()!r}"
             )
-        tensors = [flat_gradient(e) for e in entries]
+        tensors = [flat_gradient(e, self.name) for e in entries]
         shared = agree_shared(backend, c, tensors, kernel=False)  # ternarize is torch code
         ternary = [
             ternarize(t, seed=derive_seed(seed, step, e.key, backend.rank), shared=s)

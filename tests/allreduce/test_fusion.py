@@ -207,3 +207,16 @@ def test_strategy_choice_and_state() -> None:
             strategy.load_state_dict(state)
         results.append(strategy.start(LocalBackend(), Sign(), [Entry("g", g)]).wait()[0].reduced)
     assert torch.equal(results[0], results[1]) and not torch.equal(results[0], results[2])
+
+
+@pytest.mark.parametrize(
+    ("spec", "how"), [("onebit", "scatter_gather"), ("terngrad", "ternary_sum")]
+)
+def test_strategies_that_need_the_gradient_name_themselves(spec: str, how: str) -> None:
+    """A precompressed entry reaching a strategy that re-encodes the gradient is refused with
+    that strategy's name (not another's) and the entry's key."""
+    c = gradzip.compressor(spec)
+    payload, ctx = c.compress(torch.randn(16))
+    entry = Entry("w", payload=payload, ctx=ctx)
+    with pytest.raises(CompressionError, match=rf"entry 'w': {how} needs the gradient"):
+        strategy_for(c, gather=how).start(LocalBackend(), c, [entry]).wait()
