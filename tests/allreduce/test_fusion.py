@@ -103,7 +103,9 @@ def mismatch(backend: Backend, what: str) -> None:
     else:
         grads = {"fc.weight": torch.ones(10)}
         c = Sign() if r == 0 else gradzip.compressor("fp16")
-    Reducer(backend, c).start([Entry(k, g) for k, g in grads.items()]).wait()
+    # the allgather named: the message shows each rank's strategy and compressor
+    strategy = strategy_for(c, gather="allgather")
+    Reducer(backend, c, strategy).start([Entry(k, g) for k, g in grads.items()]).wait()
 
 
 @pytest.mark.parametrize(
