@@ -55,6 +55,8 @@ class Reducer:
     in order) into buckets of about ``fusion_bytes`` uncompressed bytes and starts every
     bucket; ``wait()`` on the result gives ``{key: Reduced}``. Error feedback stays with the
     caller: compensate before, ``memory.update(key, compensated, reduced.local)`` after.
+    ``strategy`` None: :func:`~gradzip.allreduce.select.strategy_for` at the backend's world
+    size.
     """
 
     def __init__(
@@ -69,7 +71,9 @@ class Reducer:
         plan_buckets([], fusion_bytes)  # validates fusion_bytes
         self.backend = backend
         self.compressor = compressor
-        self.strategy = strategy if strategy is not None else strategy_for(compressor)
+        if strategy is None:
+            strategy = strategy_for(compressor, world_size=backend.size)
+        self.strategy = strategy
         self.fusion_bytes = fusion_bytes
         self.seed = seed
 

@@ -132,7 +132,7 @@ class GradPipeline:
         fusion_bytes: int,
         seed: int,
         passes_per_step: int,
-        gather: str = "allgather",
+        gather: str | None = None,
         sparse: str = "allgather",
         dense_steps: int | None = None,
         nonfinite: str = "propagate",
@@ -165,7 +165,12 @@ class GradPipeline:
         for base in dict.fromkeys([s.compressor for s in slots] + [DENSE]):
             # no per-bucket check: the plan's fingerprint (plan()) covers every bucket at once
             strategy = strategy_for(
-                base, gather=gather, sparse=sparse, average=average, verify=False
+                base,
+                gather=gather,
+                sparse=sparse,
+                average=average,
+                verify=False,
+                world_size=backend.size,
             )
             strategy.deferred = True  # settled per step, once every rank's flags are known
             self.streams.append(Stream(base, base, strategy))
