@@ -42,7 +42,8 @@ def _worker(rank: int, size: int, store: str, sizes: list[int], reps: int, out: 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
     import gradzip
-    from gradzip.allreduce.strategies import Entry, strategy_for
+    from gradzip.allreduce.entry import Entry
+    from gradzip.allreduce.select import strategy_for
     from gradzip.allreduce.torch_dist import TorchDistBackend
 
     backend = TorchDistBackend()

@@ -4,16 +4,15 @@ Horovod is imported only when its backend is built (``gradzip.allreduce.horovod`
 """
 
 from gradzip.allreduce.backend import Backend, CommStats, LocalBackend, ReduceOp, Work
-from gradzip.allreduce.fusion import DEFAULT_FUSION_BYTES, Entry, Reduced, Reducer
+from gradzip.allreduce.dense import AllreduceStrategy
+from gradzip.allreduce.entry import Entry, Reduced
+from gradzip.allreduce.fusion import DEFAULT_FUSION_BYTES, Reducer
+from gradzip.allreduce.gather import AllgatherStrategy
+from gradzip.allreduce.scatter_gather import ScatterGatherStrategy
+from gradzip.allreduce.select import strategy_for
 from gradzip.allreduce.sparse import SparseStrategy, sparse_allgather, sparse_allreduce
-from gradzip.allreduce.strategies import (
-    AllgatherStrategy,
-    AllreduceStrategy,
-    ScatterGatherStrategy,
-    Strategy,
-    TernarySumStrategy,
-    strategy_for,
-)
+from gradzip.allreduce.strategy import Strategy
+from gradzip.allreduce.ternary import TernarySumStrategy
 from gradzip.allreduce.torch_dist import TorchDistBackend
 
 __all__ = [

@@ -35,8 +35,8 @@ from gradzip.allreduce.backend import (
     control,
     to_backend,
 )
-from gradzip.allreduce.fusion import Entry, Reduced
-from gradzip.allreduce.strategies import Strategy, compress_entries, local_results
+from gradzip.allreduce.entry import Entry, Reduced
+from gradzip.allreduce.strategy import Strategy, compress_entries, local_results
 from gradzip.compress.base import CompressionError, Compressor, Reduction
 
 __all__ = [

@@ -19,8 +19,9 @@ every rank. ``overlap=False`` completes every bucket before its hook returns.
 bucket ``i`` may hold other parameters afterwards. The memory is a
 :class:`~gradzip.hooks.bucket_memory.BucketMemory`: it notices the new layout and carries
 residuals (and DGC momenta/velocities) per parameter into the new buckets, exactly. The
-server-side residuals of ``gather="scatter_gather"`` live on chunks of a bucket and are reset
-instead (counted in ``stats["resets"]``).
+server-side residuals of scatter-gather (``gather="scatter_gather"``, and 1-bit's default from
+three ranks on) live on chunks of a bucket and are reset instead (counted in
+``stats["resets"]``).
 
 **Non-finite gradients** follow DDP: a bucket holding a NaN/Inf on some rank is NaN on every
 rank when its future completes (the dense casts carry the non-finite sum itself; the others
@@ -52,8 +53,9 @@ import torch
 import torch.distributed as dist
 
 from gradzip.allreduce.backend import Backend, PeerLost, ReduceOp, Work, control, wire_bytes
-from gradzip.allreduce.fusion import check_consistent
-from gradzip.allreduce.strategies import Entry, Reduced, strategy_for
+from gradzip.allreduce.consistency import check_consistent
+from gradzip.allreduce.entry import Entry, Reduced
+from gradzip.allreduce.select import strategy_for
 from gradzip.compress.base import CompressionError, Compressor, Reduction, compressor
 from gradzip.compress.dgc import DGC, check_optimizer
 from gradzip.compress.memory import NoMemory
@@ -101,7 +103,7 @@ class DDPHookState:
         process_group: dist.ProcessGroup | None = None,
         backend: Backend | None = None,
         seed: int = 0,
-        gather: str = "allgather",
+        gather: str | None = None,
         sparse: str = "allgather",
         overlap: bool = True,
         verify: bool = False,
@@ -134,8 +136,8 @@ class DDPHookState:
             check_optimizer(optimizer)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed={seed!r}; expected an int >= 0")
-        if gather not in GATHERS:
-            raise ValueError(f"gather={gather!r}; expected one of {GATHERS}")
+        if gather is not None and gather not in GATHERS:
+            raise ValueError(f"gather={gather!r}; expected one of {GATHERS}, or None (by bytes)")
         if sparse not in SPARSES:
             raise ValueError(f"sparse={sparse!r}; expected one of {SPARSES}")
         for flag, value in (("overlap", overlap), ("verify", verify)):
@@ -145,7 +147,7 @@ class DDPHookState:
         at_step = getattr(comp, "at_step", None)
         self.compression: Compressor = comp if at_step is None else at_step(0)
         self.seed = seed  # stochastic compressors draw from derive_seed(seed, step, bucket, rank)
-        self.gather = gather
+        self.gather = gather  # None: the one that moves fewer bytes at the world size
         self.sparse = sparse
         self.dense_steps = check_dense_steps(dense_steps, [comp])  # first steps: plain buckets
         self.epoch: float | None = None  # set_epoch's; None: warm-ups count steps
@@ -157,6 +159,7 @@ class DDPHookState:
         self.process_group = process_group
         self.step = 0
         self.memory = BucketMemory(comp.make_memory())
+        self._backend: Backend | None = backend
         self.strategy = self._new_strategy()
         self._dense = strategy_for(DENSE, verify=verify)  # carries the first dense_steps
         self._pending: list[_InFlight] = []
@@ -164,17 +167,31 @@ class DDPHookState:
         self._skipped = False  # a bucket of this step held a NaN/Inf on some rank
         # (index, numel, dtype) of the buckets compared across ranks (once each per process)
         self._checked: set[tuple[int, int, torch.dtype]] = set()
-        self._backend: Backend | None = backend
         self._counted = (0, 0)  # backend byte counters already added to the statistics
         # statistics
         self.counters: dict[str, int] = dict.fromkeys(_STATS, 0)
 
-    def _new_strategy(self) -> Any:
+    def _new_strategy(self, gather: str | None = None) -> Any:
+        """The compression's strategy: ``gather`` (a pickled state's), else the user's, else
+        the GATHER strategy that moves fewer bytes at the world size, once it is known."""
         strategy = strategy_for(
-            self.compression, gather=self.gather, sparse=self.sparse, verify=self.verify
+            self.compression,
+            gather=gather or self.gather,
+            sparse=self.sparse,
+            verify=self.verify,
+            world_size=self._world_size(),
         )
         strategy.deferred = True  # settled per step, once every rank's flags are known
         return strategy
+
+    def _world_size(self) -> int | None:
+        """The ranks the hook reduces over, without building the backend (that takes a
+        collective call); None while torch.distributed is not initialised."""
+        if self._backend is not None:
+            return self._backend.size
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(self.process_group)  # None: all ranks, as the backend
+        return None
 
     @property
     def backend(self) -> Backend:
@@ -272,11 +289,15 @@ class DDPHookState:
         self._checked.add((index, buffer.numel(), buffer.dtype))
 
     def _fit_world(self, size: int) -> None:
-        """DGC scales its clipping threshold by the world size: fill in the default of 1."""
+        """Before the first bucket: DGC scales its clipping threshold by the world size (fill
+        in the default of 1); ``gather=None`` chooses by bytes at this world size (the state
+        may have been built before torch.distributed was initialised)."""
         c = self.compression
         if isinstance(c, DGC) and c.world_size == 1 and size > 1:
             self.compression = dataclasses.replace(c, world_size=size)
             self.memory = BucketMemory(self.compression.make_memory())
+        if self.gather is None and self.strategy.name != self._new_strategy().name:
+            self.strategy = self._new_strategy()  # nothing reduced yet: no state to carry
 
     def _complete(self, *, last: bool) -> None:
         """Agree which buckets held a NaN/Inf, wait for every launched bucket, write the
@@ -374,18 +395,21 @@ class DDPHookState:
         state.pop("process_group")
         state["memory"] = self.memory.state_dict()
         state["strategy"] = self.strategy.state_dict()
+        state["strategy_name"] = self.strategy.name  # gather=None chose it by world size
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         memory, strategy = state.pop("memory"), state.pop("strategy")
+        name = state.pop("strategy_name", None)
         self.__dict__.update(state)
         self.process_group = None
         self.memory = BucketMemory(self.compression.make_memory())
         self.memory.load_state_dict(memory)
-        self.strategy = self._new_strategy()
+        self._backend = None
+        self.strategy = self._new_strategy(name if name in GATHERS else None)
         self.strategy.load_state_dict(strategy)
-        self._pending, self._backend, self._counted = [], None, (0, 0)
+        self._pending, self._counted = [], (0, 0)
         self._settle, self._skipped, self._checked = [], False, set()
         self._dense = strategy_for(DENSE, verify=self.verify)
 
@@ -410,7 +434,7 @@ def ddp_comm_hook(
     *,
     process_group: dist.ProcessGroup | None = None,
     seed: int = 0,
-    gather: str = "allgather",
+    gather: str | None = None,
     sparse: str = "allgather",
     overlap: bool = True,
     verify: bool = False,
@@ -424,7 +448,9 @@ def ddp_comm_hook(
     ``compression``: a compressor or a spec such as ``"topk:ratio=0.01"`` (any except SFB);
     ``process_group``: the group to reduce over (None: a new group of all ranks, with gradzip's
     timeout; every rank must call this); ``gather``/``sparse``: the strategy for GATHER and
-    SPARSE payloads (:func:`~gradzip.allreduce.strategies.strategy_for`); ``verify``: check
+    SPARSE payloads (:func:`~gradzip.allreduce.select.strategy_for`; ``gather=None``, the
+    default: the one that moves fewer bytes at the group's size where error feedback allows,
+    scatter-gather for 1-bit from three ranks on, else the allgather); ``verify``: check
     that ranks agree on every bucket before it moves (one tiny allreduce per bucket);
     ``dense_steps``: the first that many iterations allreduce the plain buckets (no error
     feedback), then compression starts, like torch's PowerSGD hook's ``start_powerSGD_iter``

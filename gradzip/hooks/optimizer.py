@@ -269,7 +269,7 @@ def DistributedOptimizer(
     *,
     model: nn.Module | None = None,
     min_compress_numel: int = DEFAULT_MIN_COMPRESS_NUMEL,
-    gather: str = "allgather",
+    gather: str | None = None,
     sparse: str = "allgather",
     dense_steps: int | None = None,
     nonfinite: str = "propagate",
@@ -286,14 +286,16 @@ def DistributedOptimizer(
     else torch.distributed. ``backward_passes_per_step``: passes summed locally (as Horovod,
     not averaged) before one communication. ``seed``: stochastic compressors draw from
     (seed, step, name, rank). ``gather``/``sparse``: the strategies of
-    :func:`gradzip.allreduce.strategies.strategy_for`. Parameters with ``requires_grad=False``
-    when wrapping are never communicated. ``dense_steps``: the first that many steps send
-    every gradient uncompressed (a dense allreduce, no error feedback); compression and error
-    feedback start after them, like torch's PowerSGD hook's ``start_powerSGD_iter``. The
-    default (None) takes what the compressors ask for (``Compressor.default_dense_steps``):
-    150 for 1-bit, top-k (which hold back most of the gradient) and TernGrad (the noisiest),
-    which are at their least stable in the first steps, 0 for the others (DGC has its own
-    sparsity warm-up).
+    :func:`gradzip.allreduce.select.strategy_for`; the default ``gather=None`` takes the one
+    that moves fewer bytes at the backend's world size where error feedback allows
+    (scatter-gather for 1-bit from three ranks on; else the allgather). Parameters with
+    ``requires_grad=False`` when wrapping are never communicated. ``dense_steps``: the first
+    that many steps send every gradient uncompressed (a dense allreduce, no error feedback);
+    compression and error feedback start after them, like torch's PowerSGD hook's
+    ``start_powerSGD_iter``. The default (None) takes what the compressors ask for
+    (``Compressor.default_dense_steps``): 150 for 1-bit, top-k (which hold back most of the
+    gradient) and TernGrad (the noisiest), which are at their least stable in the first
+    steps, 0 for the others (DGC has its own sparsity warm-up).
     ``momentum_correction``: for ``torch.optim.SGD`` with momentum and an error-feedback
     compressor (1-bit, top-k), the default (None) applies SGD's weight decay and momentum on
     each rank *before* compression and steps the wrapped SGD without them (the momentum

@@ -42,8 +42,11 @@ from typing import Any
 import torch
 
 from gradzip.allreduce.backend import Backend, PeerLost, ReduceOp, Work, control
-from gradzip.allreduce.fusion import check_consistent, plan_buckets
-from gradzip.allreduce.strategies import Entry, Reduced, Strategy, strategy_for
+from gradzip.allreduce.consistency import check_consistent
+from gradzip.allreduce.entry import Entry, Reduced
+from gradzip.allreduce.fusion import plan_buckets
+from gradzip.allreduce.select import strategy_for
+from gradzip.allreduce.strategy import Strategy
 from gradzip.compress import kernels
 from gradzip.compress.base import CompressionError, Compressor, Reduction, derive_seed
 from gradzip.compress.memory import NoMemory
@@ -118,7 +121,7 @@ class GradPipeline:
         fusion_bytes: int,
         seed: int,
         passes_per_step: int,
-        gather: str = "allgather",
+        gather: str | None = None,
         sparse: str = "allgather",
         dense_steps: int | None = None,
         nonfinite: str = "propagate",
@@ -151,7 +154,12 @@ class GradPipeline:
         for base in dict.fromkeys([s.compressor for s in slots] + [DENSE]):
             # no per-bucket check: the plan's fingerprint (plan()) covers every bucket at once
             strategy = strategy_for(
-                base, gather=gather, sparse=sparse, average=average, verify=False
+                base,
+                gather=gather,
+                sparse=sparse,
+                average=average,
+                verify=False,
+                world_size=backend.size,
             )
             strategy.deferred = True  # settled per step, once every rank's flags are known
             self.streams.append(Stream(base, base, strategy))

@@ -22,7 +22,8 @@ from dist_utils import run_ranks
 import gradzip
 from benchmarks.gather_sizes import Exchanging
 from gradzip.allreduce.backend import Backend
-from gradzip.allreduce.strategies import Entry, strategy_for
+from gradzip.allreduce.entry import Entry
+from gradzip.allreduce.select import strategy_for
 
 FIXED = ("onebit", "qsgd:levels=7", "terngrad", "topk:ratio=0.05,selection=exact")
 VARIABLE = ("qsgd:levels=7,elias=True", "topk:ratio=0.05,selection=sampled", "dgc:ratio=0.05")

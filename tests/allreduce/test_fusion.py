@@ -13,8 +13,10 @@ from helpers import Sign, rank_grads
 
 import gradzip
 from gradzip.allreduce.backend import Backend, LocalBackend, wire_bytes
-from gradzip.allreduce.fusion import Reducer, pack, plan_buckets, unpack
-from gradzip.allreduce.strategies import Entry, Reduced, strategy_for
+from gradzip.allreduce.entry import Entry, Reduced
+from gradzip.allreduce.fusion import Reducer, plan_buckets
+from gradzip.allreduce.select import strategy_for
+from gradzip.allreduce.wire import pack, unpack
 from gradzip.compress.base import CompressionError, Payload
 
 MODEL = {f"layer{i}.{'weight' if i % 2 else 'bias'}": (3 + i % 17, 4) for i in range(200)}
@@ -101,7 +103,9 @@ def mismatch(backend: Backend, what: str) -> None:
     else:
         grads = {"fc.weight": torch.ones(10)}
         c = Sign() if r == 0 else gradzip.compressor("fp16")
-    Reducer(backend, c).start([Entry(k, g) for k, g in grads.items()]).wait()
+    # the allgather named: the message shows each rank's strategy and compressor
+    strategy = strategy_for(c, gather="allgather")
+    Reducer(backend, c, strategy).start([Entry(k, g) for k, g in grads.items()]).wait()
 
 
 @pytest.mark.parametrize(
@@ -186,7 +190,7 @@ def test_wire_bytes_model() -> None:
 
 def test_strategy_choice_and_state() -> None:
     """strategy_for names the bad choice; scatter_gather's server residuals round-trip."""
-    from gradzip.allreduce.strategies import ScatterGatherStrategy
+    from gradzip.allreduce.scatter_gather import ScatterGatherStrategy
 
     with pytest.raises(ValueError, match=r"gather='ring' is not a strategy.*scatter_gather"):
         strategy_for(Sign(), gather="ring")
@@ -205,3 +209,16 @@ def test_strategy_choice_and_state() -> None:
             strategy.load_state_dict(state)
         results.append(strategy.start(LocalBackend(), Sign(), [Entry("g", g)]).wait()[0].reduced)
     assert torch.equal(results[0], results[1]) and not torch.equal(results[0], results[2])
+
+
+@pytest.mark.parametrize(
+    ("spec", "how"), [("onebit", "scatter_gather"), ("terngrad", "ternary_sum")]
+)
+def test_strategies_that_need_the_gradient_name_themselves(spec: str, how: str) -> None:
+    """A precompressed entry reaching a strategy that re-encodes the gradient is refused with
+    that strategy's name (not another's) and the entry's key."""
+    c = gradzip.compressor(spec)
+    payload, ctx = c.compress(torch.randn(16))
+    entry = Entry("w", payload=payload, ctx=ctx)
+    with pytest.raises(CompressionError, match=rf"entry 'w': {how} needs the gradient"):
+        strategy_for(c, gather=how).start(LocalBackend(), c, [entry]).wait()

@@ -17,7 +17,8 @@ from dist_utils import run_ranks
 
 import gradzip
 from gradzip.allreduce.backend import Backend
-from gradzip.allreduce.strategies import AllreduceStrategy, Entry
+from gradzip.allreduce.dense import AllreduceStrategy
+from gradzip.allreduce.entry import Entry
 
 
 def _reduce(backend: Backend, spec: str, values: list[float]) -> torch.Tensor:

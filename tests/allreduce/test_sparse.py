@@ -121,7 +121,7 @@ def test_sparse_sums_are_taken_in_rank_order(device: str) -> None:
     """Every rank's receive side adds the ranks' payloads one by one, in rank order (CUDA's
     atomics would otherwise choose the order of repeated indices)."""
     import gradzip
-    from gradzip.allreduce.strategies import combine
+    from gradzip.allreduce.gather import combine
     from gradzip.compress.topk import SparseCtx
 
     payloads = _order_sensitive(device)

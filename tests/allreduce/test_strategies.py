@@ -15,8 +15,9 @@ from helpers import SharedTernary, Sign, rank_grads, reference_mean, simulate_sc
 
 import gradzip
 from gradzip.allreduce.backend import Backend
+from gradzip.allreduce.entry import Entry
 from gradzip.allreduce.fusion import Reducer
-from gradzip.allreduce.strategies import Entry, strategy_for
+from gradzip.allreduce.select import strategy_for
 from gradzip.compress.base import Compressor, Reduction
 from gradzip.compress.memory import ResidualMemory
 

@@ -33,7 +33,7 @@ OPT_RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "none": ("none", {}),
     "fp16": ("fp16", {}),
     "bf16": ("bf16", {}),
-    "onebit": ("onebit", {}),
+    "onebit": ("onebit", {"gather": "allgather"}),  # the default at 2 ranks only
     "onebit scatter_gather": ("onebit", {"gather": "scatter_gather"}),
     "qsgd": ("qsgd", {}),
     "terngrad": ("terngrad", {}),
@@ -45,7 +45,7 @@ OPT_RUNS: dict[str, tuple[str, dict[str, Any]]] = {
 HOOK_RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "none": ("none", {}),
     "fp16": ("fp16", {}),
-    "onebit": ("onebit", {}),
+    "onebit": ("onebit", {"gather": "allgather"}),  # the default at 2 ranks only
     "onebit scatter_gather": ("onebit", {"gather": "scatter_gather"}),
     "qsgd": ("qsgd", {}),
     "topk": ("topk:ratio=0.05", {}),

@@ -41,7 +41,7 @@ OPT_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
     ),
     "dtype": ({}, {"dtype": torch.bfloat16}, r"torch\.float32.*torch\.bfloat16"),
     "strategy": (
-        {},
+        {"gather": "allgather"},
         {"gather": "scatter_gather"},
         r"'gather=allgather' against 'gather=scatter_gather'",
     ),
@@ -51,7 +51,7 @@ HOOK_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
     "compressor": ({}, {"compression": "topk:ratio=0.1"}, r"compression=onebit.*compression=topk"),
     "dense steps": ({}, {"dense_steps": 2}, r"'dense_steps=0' against 'dense_steps=2'"),
     "strategy": (
-        {},
+        {"gather": "allgather"},
         {"gather": "scatter_gather"},
         r"'gather=allgather' against 'gather=scatter_gather'",
     ),

@@ -27,7 +27,7 @@ from gradzip.allreduce.backend import Backend
 RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "none": ("none", {}),
     "fp16": ("fp16", {}),
-    "onebit": ("onebit", {}),
+    "onebit": ("onebit", {"gather": "allgather"}),  # the default at 2 ranks only
     "onebit scatter_gather": ("onebit", {"gather": "scatter_gather"}),
     "qsgd": ("qsgd", {}),
     "qsgd scatter_gather": ("qsgd", {"gather": "scatter_gather"}),

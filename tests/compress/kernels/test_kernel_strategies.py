@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from gradzip.allreduce.backend import LocalBackend
-from gradzip.allreduce.fusion import Entry
-from gradzip.allreduce.strategies import combine, strategy_for
+from gradzip.allreduce.entry import Entry
+from gradzip.allreduce.gather import combine
+from gradzip.allreduce.select import strategy_for
 from gradzip.compress import kernels
 from gradzip.compress.base import Compressor
 from gradzip.compress.onebit import OneBit
