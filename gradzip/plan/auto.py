@@ -11,10 +11,12 @@ How: the link is measured on the backend (:func:`~gradzip.plan.calibrate.measure
 few allgathers: every rank calls the optimizer's constructor at the same point, so this is a
 collective like the others), each candidate's work on the parameters' device comes from the
 per-machine cache (:func:`~gradzip.plan.calibrate.cached_rates`, measured on first use). The
-gradients are laid out in dense buckets as the optimizer would send them; for each pair of
-strategies (``gather``: allgather or scatter_gather; ``sparse``: allgather or recursive) each
-bucket takes its cheapest candidate, and the pair with the cheapest step wins. Rank 0's
-decision is broadcast, so ranks whose measurements differ still agree. The decision is logged
+gradients are laid out in dense buckets as the optimizer would send them; for each sparse
+strategy (allgather or recursive doubling) each bucket takes its cheapest candidate, and the
+sparse strategy with the cheapest step wins; the GATHER methods take the library's strategy
+(:func:`~gradzip.allreduce.select.default_gather`: the two-phase scatter-gather for
+error-feedback methods from three ranks on), costed as such. Rank 0's decision is
+broadcast, so ranks whose measurements differ still agree. The decision is logged
 (logger ``gradzip.auto``, INFO) and kept as :attr:`Decision.report`.
 """
 
@@ -29,6 +31,7 @@ import torch
 
 from gradzip.allreduce.backend import Backend, control
 from gradzip.allreduce.fusion import DEFAULT_FUSION_BYTES, plan_buckets
+from gradzip.allreduce.select import default_gather
 from gradzip.compress.base import Compressor, Reduction, compressor
 from gradzip.hooks.policy import DEFAULT_MIN_COMPRESS_NUMEL
 from gradzip.plan.calibrate import cached_rates, measure_link
@@ -41,7 +44,6 @@ log = logging.getLogger("gradzip.auto")
 
 #: the candidates of a plain ``"auto"``
 DEFAULT_ALLOW = ("none", "fp16", "onebit", "qsgd", "terngrad", "topk")
-GATHER = ("allgather", "scatter_gather")
 SPARSE = ("allgather", "recursive")
 _MODEL_NAME = {"allgather": "sparse_allgather", "recursive": "recursive"}
 
@@ -86,7 +88,7 @@ class Decision:
     the same on every rank), and why (``report``: this rank's predictions)."""
 
     specs: dict[str, str]
-    gather: str
+    gather: str | None  # None: the library's rule (``select.default_gather``)
     sparse: str
     predicted: float
     dense: float
@@ -97,9 +99,9 @@ class Decision:
         return {f"re:{re.escape(name)}": spec for name, spec in self.specs.items()}
 
 
-def _strategy(comp: Compressor, gather: str, sparse: str) -> str:
+def _strategy(comp: Compressor, sparse: str, world_size: int) -> str:
     if comp.reduction is Reduction.GATHER:
-        return gather
+        return default_gather(comp, world_size)
     if comp.reduction is Reduction.SPARSE:
         return _MODEL_NAME[sparse]
     return "dense"
@@ -124,47 +126,45 @@ def decide(
         for group in _groups(tensors, fusion_bytes)
     ]
     kw = {"min_compress_numel": min_compress_numel, "fusion_bytes": fusion_bytes}
-    costs: dict[tuple[int, str, str, str], float] = {}
+    costs: dict[tuple[int, str, str], float] = {}
     for b, members in enumerate(dense_buckets):
         for spec in candidates:
             laid = buckets(members, spec, **kw)
-            for g in GATHER:
-                for s in SPARSE:
-                    parts = [(_strategy(c, g, s), bk, rates.get(c.spec(), Rates()))
-                             for c, bk in laid]
-                    costs[(b, spec, g, s)] = step_cost(parts, link, world_size).step
-    best: tuple[float, str, str, list[str]] | None = None
-    for g in GATHER:
-        for s in SPARSE:
-            picks = [_cheapest(candidates, costs, b, g, s) for b in range(len(dense_buckets))]
-            total = sum(costs[(b, spec, g, s)] for b, spec in enumerate(picks))
-            if best is None or total < best[0]:
-                best = (total, g, s, picks)
+            for s in SPARSE:
+                parts = [(_strategy(c, s, world_size), bk, rates.get(c.spec(), Rates()))
+                         for c, bk in laid]
+                costs[(b, spec, s)] = step_cost(parts, link, world_size).step
+    best: tuple[float, str, list[str]] | None = None
+    for s in SPARSE:
+        picks = [_cheapest(candidates, costs, b, s) for b in range(len(dense_buckets))]
+        total = sum(costs[(b, spec, s)] for b, spec in enumerate(picks))
+        if best is None or total < best[0]:
+            best = (total, s, picks)
     assert best is not None
-    total, g, s, picks = best
-    dense = sum(costs[(b, "none", GATHER[0], SPARSE[0])] for b in range(len(dense_buckets)))
+    total, s, picks = best
+    dense = sum(costs[(b, "none", SPARSE[0])] for b in range(len(dense_buckets)))
     specs = {t.name: spec for members, spec in zip(dense_buckets, picks, strict=True)
              for t in members}
     lines = [
         f"gradzip auto: {world_size} ranks, link alpha {link.alpha * 1e6:.1f} us, "
         f"{(1 / link.beta if link.beta else float('inf')) * 8 / 1e6:.0f} Mbit/s; predicted "
         f"communication + compression {total * 1e3:.2f} ms per step against "
-        f"{dense * 1e3:.2f} ms dense; gather={g}, sparse={s}",
+        f"{dense * 1e3:.2f} ms dense; sparse={s}, gather by the library's rule (scatter-"
+        "gather for error-feedback methods from 3 ranks on)",
     ]
     for b, (members, spec) in enumerate(zip(dense_buckets, picks, strict=True)):
-        ranked = sorted(candidates, key=lambda c: costs[(b, c, g, s)])
-        alts = ", ".join(f"{c} {costs[(b, c, g, s)] * 1e3:.2f}" for c in ranked[:3])
+        ranked = sorted(candidates, key=lambda c: costs[(b, c, s)])
+        alts = ", ".join(f"{c} {costs[(b, c, s)] * 1e3:.2f}" for c in ranked[:3])
         names = ", ".join(t.name for t in members[:3]) + (" ..." if len(members) > 3 else "")
         lines.append(f"  bucket {b} [{names}]: {spec} (ms: {alts})")
-    return Decision(specs, g, s, total, dense, "\n".join(lines))
+    return Decision(specs, None, s, total, dense, "\n".join(lines))
 
 
 def _cheapest(
-    candidates: Sequence[str], costs: dict[tuple[int, str, str, str], float], b: int, g: str,
-    s: str,
+    candidates: Sequence[str], costs: dict[tuple[int, str, str], float], b: int, s: str
 ) -> str:
     """The candidate of least cost for bucket ``b`` (the first among equals)."""
-    return min(candidates, key=lambda spec: costs[(b, spec, g, s)])
+    return min(candidates, key=lambda spec: costs[(b, spec, s)])
 
 
 def _groups(tensors: Sequence[Tensor], fusion_bytes: int) -> list[set[str]]:
@@ -192,15 +192,13 @@ def resolve(
                   min_compress_numel=min_compress_numel, fusion_bytes=fusion_bytes)
     # rank 0's choice for everyone: candidates by index, strategies by index
     order = [t.name for t in tensors]
-    code = [GATHER.index(mine.gather), SPARSE.index(mine.sparse)]
-    code += [candidates.index(mine.specs[n]) for n in order]
+    code = [SPARSE.index(mine.sparse)] + [candidates.index(mine.specs[n]) for n in order]
     agreed = backend.broadcast(control(backend, code, torch.int64), root=0).wait()
     got = [int(v) for v in agreed.cpu()]
     decision = dataclasses.replace(
         mine,
-        gather=GATHER[got[0]],
-        sparse=SPARSE[got[1]],
-        specs={n: candidates[k] for n, k in zip(order, got[2:], strict=True)},
+        sparse=SPARSE[got[0]],
+        specs={n: candidates[k] for n, k in zip(order, got[1:], strict=True)},
     )
     if backend.rank == 0:
         log.info("%s", decision.report)
