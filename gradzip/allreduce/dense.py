@@ -8,6 +8,7 @@ from gradzip.allreduce.backend import Backend, DoneWork, MappedWork, Work, to_ba
 from gradzip.allreduce.entry import Entry, Reduced
 from gradzip.allreduce.strategy import Strategy, compress_entries, data_device, local_results
 from gradzip.compress.base import Compressor, Payload, Reduction
+from gradzip.compress.none import NoCompression
 
 __all__ = ["AllreduceStrategy"]
 
@@ -30,7 +31,10 @@ class AllreduceStrategy(Strategy):
         size = backend.size
         # the division moves before the sum where the compressor keeps no feedback of its own
         first = self.average and not c.error_feedback and all(e.tensor is not None for e in entries)
-        if first and size > 1:
+        # ``none`` sends the gradients as they are: they are divided where they are fused
+        # (one pass fewer; the same quotients); a cast divides in fp32 before it rounds
+        after_cat = first and size > 1 and isinstance(c, NoCompression)
+        if first and size > 1 and not after_cat:
             entries = [Entry(e.key, torch.div(e.tensor, size)) for e in entries]  # type: ignore[arg-type]
         payloads, ctxs = compress_entries(backend, c, entries, seed, step)
         local = local_results(c, entries, payloads, ctxs)
@@ -39,10 +43,11 @@ class AllreduceStrategy(Strategy):
         groups: dict[torch.dtype, list[int]] = {}
         for i, t in enumerate(parts):
             groups.setdefault(t.dtype, []).append(i)
-        works = {
-            dt: backend.allreduce(to_backend(backend, torch.cat([parts[i] for i in idx])))
-            for dt, idx in groups.items()
-        }
+        fused = {dt: torch.cat([parts[i] for i in idx]) for dt, idx in groups.items()}
+        if after_cat:
+            for buf in fused.values():
+                buf.div_(size)
+        works = {dt: backend.allreduce(to_backend(backend, buf)) for dt, buf in fused.items()}
 
         def finish(_: None) -> list[Reduced]:
             summed: list[torch.Tensor] = list(parts)

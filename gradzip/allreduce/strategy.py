@@ -148,7 +148,14 @@ class Strategy(abc.ABC):
     ) -> Work[list[Reduced]]: ...
 
     def _finish(self, total: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
-        return (total / size if self.average else total).to(dtype)
+        """The reduced ``total`` (a tensor of this step's own, never kept) averaged over
+        ``size`` ranks when averaging, in ``dtype``: divided in place, no copy when there is
+        nothing to divide."""
+        if not self.average or size == 1:
+            return total.to(dtype)
+        if total.dtype == torch.float32 and not total.requires_grad:
+            return total.div_(size).to(dtype)
+        return (total / size).to(dtype)
 
     def settle(self, key: Any, keep: bool) -> None:
         """After a step's results are in: keep (``keep``) or call off the strategy state that
