@@ -173,14 +173,21 @@ def topk_pass(res, grad, out, has_res, thr, buf):
     appending the position of every ``|out| >= thr`` to ``buf[0]`` (ascending) and its value
     to ``buf[1]`` (read as fp32).
 
-    Returns ``(count, full)``: ``full`` when ``buf`` was too small (then only counted); the
-    count is -1 when some ``out`` is NaN or infinite (the pass is complete all the same).
-    ``out`` may be ``res`` (in place).
+    Each collected candidate's ``out`` becomes ``v - (0 + v)`` at once, while its chunk is in
+    L1 (what the reference's residual is where ``v`` is sent): most candidates are sent, and
+    :func:`choose` puts back the few that are not (``zeroed``).
+
+    Returns ``(count, full, stored)``: ``full`` when ``buf`` was too small (then only
+    counted; ``stored`` candidates were collected, and zeroed); the count is -1 when some
+    ``out`` is NaN or infinite (the pass is complete all the same). ``out`` may be ``res``
+    (in place).
     """
     n = out.size
     c = 0
+    stored = 0
     full = False
     chk = np.float32(0.0)
+    zero = np.float32(0.0)
     flags = np.zeros(_CHUNK, dtype=np.uint8)
     words = flags.view(np.uint64)
     at = buf[0]
@@ -203,11 +210,15 @@ def topk_pass(res, grad, out, has_res, thr, buf):
                 flags[j] = np.uint8(abs(v) >= thr)
                 chk += v - v
         if full or c + size > at.size:
+            stored = c if not full else stored
             full = True
             c += _count(flags, size)
         else:
+            start = c
             c = _collect(flags, words, o, lo, size, at, got, c)
-    return (c if chk == 0 else -1), full
+            for q in range(start, c):  # sent unless unselected: the residual there is 0
+                o[at[q] - lo] = got[q] - (zero + got[q])
+    return (c if chk == 0 else -1), full, (stored if full else c)
 
 
 @_jit(fast=True)
@@ -243,7 +254,7 @@ def dgc_pass(grad, u, v, u2, v2, m, s, thr, buf):
             c += _count(flags, size)
         else:
             c = _collect(flags, words, vo, lo, size, at, got, c)
-    return (c if chk == 0 else -1), full
+    return (c if chk == 0 else -1), full, 0
 
 
 @_jit(fast=True)
@@ -268,7 +279,7 @@ def scan(vals, thr, buf):
             c += _count(flags, size)
         else:
             c = _collect(flags, words, x, lo, size, at, got, c)
-    return (c if chk == 0 else -1), full
+    return (c if chk == 0 else -1), full, 0
 
 
 @_jit()
@@ -413,23 +424,42 @@ def _counts(got, count, floors):
     return out
 
 
+@_jit()
+def _restore(out, at, got, count):
+    """``out[at[c]] = got[c]`` for ``c < count``: undo the zeroing of :func:`topk_pass`."""
+    for c in range(count):
+        out[at[c]] = got[c]
+
+
+@_jit()
+def _unmask(out, at, got, count, idx):
+    """:func:`_restore` for the candidates not in ``idx`` (both ascending: one merge)."""
+    j = 0
+    for c in range(count):
+        if j < idx.size and at[c] == idx[j]:
+            j += 1
+        else:
+            out[at[c]] = got[c]
+
+
 def _candidates(
-    run: Callable[[np.float32, np.ndarray], tuple[int, bool]], tb: int, expect: float, n: int
-) -> tuple[np.ndarray, np.ndarray, int, bool]:
+    run: Callable[[np.float32, np.ndarray], tuple[int, bool, int]], tb: int, expect: float, n: int
+) -> tuple[np.ndarray, np.ndarray, int, bool, int]:
     """Run the pass with the threshold of bits ``tb`` and a buffer sized for ``expect``
-    candidates: ``(positions, values, count, full)``, count -1 for a NaN/Inf value."""
+    candidates: ``(positions, values, count, full, stored)``, count -1 for a NaN/Inf
+    value."""
     cap = int(min(n, 2 * expect + 4096)) + _CHUNK
     buf = np.empty((2, cap), dtype=np.int32)
-    count, full = run(np.uint32(min(tb, int(_INF))).view(np.float32), buf)
-    return buf[0], buf[1].view(np.float32), int(count), bool(full)
+    count, full, stored = run(np.uint32(min(tb, int(_INF))).view(np.float32), buf)
+    return buf[0], buf[1].view(np.float32), int(count), bool(full), int(stored)
 
 
 def _everything(
-    n: int, vals: np.ndarray, run: Callable[[np.float32, np.ndarray], tuple[int, bool]]
+    n: int, vals: np.ndarray, run: Callable[[np.float32, np.ndarray], tuple[int, bool, int]]
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """All ``n`` values (``k == n``): one pass with threshold 0 collects every position."""
     buf = np.empty((2, n + _CHUNK), dtype=np.int32)
-    count, _ = run(np.float32(0.0), buf)
+    count, _, _ = run(np.float32(0.0), buf)
     if count < 0:
         return None
     return buf[0, :n].copy(), buf[1, :n].view(np.float32).copy()
@@ -446,10 +476,11 @@ def choose(
     n: int,
     k: int,
     vals: np.ndarray,
-    run: Callable[[np.float32, np.ndarray], tuple[int, bool]],
+    run: Callable[[np.float32, np.ndarray], tuple[int, bool, int]],
     sample: Callable[[np.ndarray], np.ndarray],
     picks: np.ndarray | None = None,
     rounds: int = 3,
+    zeroed: bool = False,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """The selection of the module docstring around one fused pass.
 
@@ -459,7 +490,8 @@ def choose(
     compute at ``picks``. Without ``picks`` the exact top-``k`` (``0 < k <= n``); with them
     the reference's sampled threshold ladder of ``rounds`` rungs (at most ``k``). Returns
     ``(int32 ascending indices, fp32 values)``, or None when some value is NaN or infinite
-    (``vals`` has been written all the same).
+    (``vals`` has been written all the same). ``zeroed``: the pass zeroes its candidates in
+    ``vals`` (:func:`topk_pass`); afterwards exactly the selected ones are ``v - (0 + v)``.
     """
     exact = picks is None
     if picks is None:
@@ -478,30 +510,42 @@ def choose(
     floors = [int(f) for f in ranked(got, np.array(ranks, dtype=np.int64))]
     if (got.view(np.uint32) & _ABS).max() >= _INF:
         floors = [int(_INF)] * len(floors)  # the pass still runs and finds its NaN/Inf
-    at, cv, count, over = _candidates(run, floors[-1], ranks[-1] * n / s, n)
+    at, cv, count, over, stored = _candidates(run, floors[-1], ranks[-1] * n / s, n)
     if count < 0:
         return None
-    if exact:
-        if count < k:  # the guess was too high: a radix select over everything
-            t, take = cut(vals.view(np.uint32), k)
-            count = int(_counts(vals, n, np.array([t], dtype=np.uint32))[0])
-            at, cv = _rescan(vals, t, count)
-            return _emit(at, cv, count, t, take, k)
-        if over:
+    refill = over or (exact and count < k)  # candidates lost or too few: from vals again
+    if refill and zeroed:
+        _restore(vals, at, cv, stored)
+    if exact and count < k:  # the guess was too high: a radix select over everything
+        idx, out = _select_all(vals, k)
+    elif exact:
+        if over:  # too low: collect again, into a buffer of the right size
             at, cv = _rescan(vals, floors[0], count)
-        return pick(at, cv, count, np.uint32(floors[0]), k)
-    tbs = np.array(floors, dtype=np.uint32)
-    counts = _counts(vals, n, tbs) if over else _counts(cv, count, tbs)
-    j = next((i for i, c in enumerate(counts) if c >= k), len(floors) - 1)
-    if over:  # collect again, at the chosen rung, into a buffer of the right size
-        count = int(counts[j])
-        at, cv = _rescan(vals, floors[j], count)
-    at, cv = pick(at, cv, count, np.uint32(floors[j]), count)  # all at or above the rung
-    if at.size <= k:
-        return at, cv
-    # more than k: the reference keeps torch.topk's k of these (in this order), so do the same
-    keep = torch.topk(torch.from_numpy(cv).abs(), k, sorted=False).indices.sort().values.numpy()
-    return at[keep], cv[keep]
+        idx, out = pick(at, cv, count, np.uint32(floors[0]), k)
+    else:
+        tbs = np.array(floors, dtype=np.uint32)
+        counts = _counts(vals, n, tbs) if over else _counts(cv, count, tbs)
+        j = next((i for i, c in enumerate(counts) if c >= k), len(floors) - 1)
+        if over:  # collect again, at the chosen rung, into a buffer of the right size
+            at, cv = _rescan(vals, floors[j], int(counts[j]))
+        idx, out = pick(at, cv, int(counts[j]) if over else count, np.uint32(floors[j]), n)
+        if idx.size > k:  # the reference keeps torch.topk's k of these (in this order)
+            keep = torch.topk(torch.from_numpy(out).abs(), k, sorted=False).indices
+            keep = keep.sort().values.numpy()
+            idx, out = idx[keep], out[keep]
+    if zeroed and refill:
+        mask_residual(vals, idx, out)  # everything was put back: zero what is sent
+    elif zeroed:
+        _unmask(vals, at, cv, count, idx)
+    return idx, out
+
+
+def _select_all(vals: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exact top-k of all of ``vals``: a radix select, a count and a rescan."""
+    t, take = cut(vals.view(np.uint32), k)
+    count = int(_counts(vals, vals.size, np.array([t], dtype=np.uint32))[0])
+    at, cv = _rescan(vals, t, count)
+    return _emit(at, cv, count, t, take, k)
 
 
 # ------------------------------------------------------------------ state after the step

@@ -184,11 +184,14 @@ class DGCMemory:
         return u, v
 
     def _keep_spare(self, key: Key, old: tuple[torch.Tensor | None, ...]) -> None:
-        """Keep the tensors of ``old`` that are not ``key``'s state now as its spares."""
+        """Keep the CPU tensors of ``old`` that are not ``key``'s state now as its spares
+        (only the CPU's fresh step uses them; elsewhere they are freed)."""
         current = (self.momenta.get(key), self.velocities.get(key))
         bufs = self.spare.setdefault(key, [])
         for t in old:
-            if t is not None and all(t is not c for c in current) and len(bufs) < 2:
+            if t is None or t.device.type != "cpu" or any(t is c for c in current):
+                continue
+            if len(bufs) < 2:
                 bufs.append(t)
 
     def spare_like(self, key: Key, like: torch.Tensor) -> torch.Tensor:

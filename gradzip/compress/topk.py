@@ -356,13 +356,13 @@ class TopK(Compressor):
             lambda thr, buf: kern.topk_pass(r, g, out, has, thr, buf),
             sample,
             sample_picks(n, k, self.selection, self.sample_ratio, seed),
+            zeroed=True,
         )
         if got is None:
             if not inplace:
                 memory.spare[key] = target  # the old residual stays, untouched
             feedback_failed(memory.residuals, key, flat, memory.check, inplace)
         idx, vals = got
-        kern.mask_residual(out, idx, vals)
         memory.residuals[key] = target.view(grad.shape)
         payload = Payload((torch.from_numpy(idx), torch.from_numpy(vals)))
         return payload, SparseCtx(grad.shape, torch.float32, n)

@@ -386,3 +386,35 @@ def test_desparsify_into_rejects_out_of_range(bad: int) -> None:
     with pytest.raises(CompressionError, match=rf"\[.*{bad}.*\] does not fit a tensor of 1000"):
         desparsify_into(out, idx, torch.ones(3))
     assert not bool(out.any())  # nothing written
+
+
+@pytest.mark.parametrize("name", ["sample_too_high", "sample_too_low", "all_equal", "plain"])
+@pytest.mark.parametrize("selection", ["exact", "sampled"])
+@pytest.mark.parametrize("fresh", [True, False])
+def test_topk_fused_fallbacks_keep_the_residual_exact(
+    name: str, selection: str, fresh: bool
+) -> None:
+    """The fused pass zeroes its candidates at once and puts back the unselected ones; the
+    slow paths (too few candidates, too many for the buffer, ties) must end the same way."""
+    n = 2**17
+    step = n // 16384  # the evenly spread sample of the exact selection
+    comp, mem = TopK(selection=selection), ResidualMemory()  # type: ignore[arg-type]
+    mem.residuals["w"] = torch.randn(n, generator=torch.Generator().manual_seed(1)) * 1e-3
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(2))
+    if name == "sample_too_high":
+        grad[step // 2 :: step] *= 1e6
+    elif name == "sample_too_low":
+        grad[step // 2 :: step] *= 1e-6
+    elif name == "all_equal":
+        mem.residuals["w"].zero_()
+        grad.fill_(0.25)
+    compensated = mem.residuals["w"] + grad
+    payload, ctx = comp.compress_with_feedback(mem, "w", grad, fresh=fresh)
+    _check_payload(compensated, payload[0], payload[1])
+    expect = compensated - comp.decompress(payload, ctx)
+    assert torch.equal(_bits(mem.residuals["w"]), _bits(expect))
+    kept = torch.zeros(n, dtype=torch.bool)
+    kept[payload[0].long()] = True
+    assert compensated.abs()[kept].min() >= compensated.abs()[~kept].max()
+    if selection == "exact":
+        assert payload[0].numel() == topk_count(comp.ratio, n)
