@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from gradzip.allreduce.backend import Backend, DoneWork, MappedWork, Work, to_backend
@@ -25,6 +27,10 @@ class AllreduceStrategy(Strategy):
     kinds = (Reduction.SUM,)
     takes_payloads = True
 
+    def __init__(self, *, average: bool = True, verify: bool = True) -> None:
+        super().__init__(average=average, verify=verify)
+        self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}  # by keys, dtype, device
+
     def _start(
         self, backend: Backend, c: Compressor, entries: list[Entry], seed: int, step: int
     ) -> Work[list[Reduced]]:
@@ -43,7 +49,7 @@ class AllreduceStrategy(Strategy):
         groups: dict[torch.dtype, list[int]] = {}
         for i, t in enumerate(parts):
             groups.setdefault(t.dtype, []).append(i)
-        fused = {dt: torch.cat([parts[i] for i in idx]) for dt, idx in groups.items()}
+        fused = {dt: self._fuse(entries, [parts[i] for i in idx]) for dt, idx in groups.items()}
         if after_cat:
             for buf in fused.values():
                 buf.div_(size)
@@ -64,3 +70,17 @@ class AllreduceStrategy(Strategy):
             return out
 
         return MappedWork(DoneWork(None), finish)
+
+    def _fuse(self, entries: list[Entry], parts: list[torch.Tensor]) -> torch.Tensor:
+        """``parts`` concatenated; with :attr:`reuse_buffers`, into this bucket's buffer of the
+        step before when it fits (as DDP keeps its bucket buffers: a new one each step costs
+        its page faults again)."""
+        if not self.reuse_buffers:
+            return torch.cat(parts)
+        key = (tuple(e.key for e in entries), parts[0].dtype, parts[0].device)
+        numel = sum(t.numel() for t in parts)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() != numel:
+            buf = torch.empty(numel, dtype=parts[0].dtype, device=parts[0].device)
+            self._buffers[key] = buf
+        return torch.cat(parts, out=buf)

@@ -120,6 +120,10 @@ class Strategy(abc.ABC):
         #: hold state changes (server residuals) until :meth:`settle`; the optimizer and the
         #: DDP hook set it, so that a step called off on every rank changes nothing
         self.deferred = False
+        #: the reduced tensors may live in buffers the strategy reuses the next step (set by
+        #: callers that copy them out first, as the optimizer does into ``.grad``); off, every
+        #: step's results are tensors of their own
+        self.reuse_buffers = False
 
     def start(
         self,

@@ -162,6 +162,7 @@ class GradPipeline:
                 world_size=backend.size,
             )
             strategy.deferred = True  # settled per step, once every rank's flags are known
+            strategy.reuse_buffers = True  # _write copies every result into .grad
             self.streams.append(Stream(base, base, strategy))
         # the DENSE stream also carries every bucket during the first dense_steps
         self.dense_stream = next(k for k, st in enumerate(self.streams) if st.base == DENSE)
