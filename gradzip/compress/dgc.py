@@ -378,9 +378,11 @@ class DGC(Compressor):
         return desparsify(payload[0], payload[1], ctx.numel).to(ctx.dtype).view(ctx.shape)
 
     def fresh_feedback(self, grad: torch.Tensor) -> bool:
-        """Whether :meth:`compress_with_feedback` writes the new ``u`` and ``v`` into buffers
-        of their own at no extra traffic (``fresh=True``): the numba step on CPU tensors."""
-        return grad.device.type == "cpu" and sparse_kernels() is not None
+        """Whether :meth:`compress_with_feedback` leaves the old ``u`` and ``v`` tensors as
+        they were at no extra traffic (``fresh=True``): always here. The numba step writes into
+        buffers of their own; the unfused steps store new tensors anyway. (The GPU kernel's
+        fused step works in place: :func:`kernels.fresh_feedback` says so before asking.)"""
+        return True
 
     def compress_with_feedback(
         self, memory: Memory, key: Key, grad: torch.Tensor, *, seed: int = 0, fresh: bool = False

@@ -309,9 +309,10 @@ class TopK(Compressor):
         return desparsify(payload[0], payload[1], ctx.numel).to(ctx.dtype).view(ctx.shape)
 
     def fresh_feedback(self, grad: torch.Tensor) -> bool:
-        """Whether :meth:`compress_with_feedback` writes the new residual into a buffer of its
-        own at no extra traffic (``fresh=True``): the numba step on CPU tensors."""
-        return grad.device.type == "cpu" and sparse_kernels() is not None
+        """Whether :meth:`compress_with_feedback` leaves the old residual tensor as it was at no
+        extra traffic (``fresh=True``): always. The numba step writes the new one into a
+        buffer of its own; the unfused steps elsewhere store a new tensor anyway."""
+        return True
 
     def compress_with_feedback(
         self, memory: Memory, key: Key, grad: torch.Tensor, *, seed: int = 0, fresh: bool = False

@@ -243,10 +243,13 @@ def has_feedback_step(comp: Compressor, grad: torch.Tensor) -> bool:
 
 def fresh_feedback(comp: Compressor, grad: torch.Tensor) -> bool:
     """Whether :func:`feedback_step` with ``fresh=True`` writes new state tensors and leaves
-    the old ones as they were at no extra traffic (1-bit SGD's numba path); elsewhere a caller
-    that must be able to undo the step copies the state first (``memory.snapshot``)."""
+    the old ones as they were at no extra traffic (the numba paths; top-k's and DGC's unfused
+    steps); elsewhere (a GPU kernel's fused step, in place) a caller that must be able to
+    undo the step copies the state first (``memory.snapshot``)."""
     if use_kernel(comp, grad):
-        return False
+        module = kernel_module(comp.name)
+        if getattr(module, "compress_with_feedback", None) or getattr(module, "step", None):
+            return False
     method = getattr(comp, "fresh_feedback", None)
     return bool(method is not None and method(grad))
 
