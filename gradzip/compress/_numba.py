@@ -1,6 +1,7 @@
 """The switch for gradzip's optional numba kernels on CPU tensors.
 
-The numba modules (:mod:`~gradzip.compress._onebit_numba`, :mod:`~gradzip.compress._quant_numba`)
+The numba modules (:mod:`~gradzip.compress._onebit_numba`, :mod:`~gradzip.compress._quant_numba`,
+:mod:`~gradzip.compress._sparse_numba`)
 accelerate the torch reference code of their methods on the CPU. They are imported lazily, the
 first time a CPU tensor needs them, so gradzip runs without numba installed. ``GRADZIP_NUMBA=0``
 in the environment, read at every call, turns all of them off (the torch path runs instead):

@@ -32,10 +32,6 @@ A NaN/Inf value makes the pass's probe ``sum(v - v)`` NaN, so :func:`choose` ret
 (after the pass: the caller decides what becomes of what it wrote).
 """
 
-# mypy: ignore-errors
-# (numba kernels: the jitted bodies are numpy scalar code that mypy cannot follow, as for
-# gradzip.compress._onebit_numba in pyproject.toml)
-
 from __future__ import annotations
 
 import math
