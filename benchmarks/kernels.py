@@ -50,17 +50,20 @@ DEFAULT_COMPRESSORS = "onebit,qsgd,terngrad,topk:ratio=0.01,dgc:ratio=0.001"
 
 
 @contextlib.contextmanager
-def _kernel_mode(value: str) -> Iterator[None]:
-    """Set GRADZIP_KERNELS for the duration of a measurement."""
-    old = os.environ.get(kernels.ENV)
-    os.environ[kernels.ENV] = value
+def _kernel_mode(value: str, numba: bool = True) -> Iterator[None]:
+    """Set GRADZIP_KERNELS for the duration of a measurement (and, with ``numba=False``,
+    ``GRADZIP_NUMBA=0``: the torch code itself, not the CPU kernels)."""
+    names = {kernels.ENV: value, **({} if numba else {"GRADZIP_NUMBA": "0"})}
+    old = {k: os.environ.get(k) for k in names}
+    os.environ.update(names)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(kernels.ENV, None)
-        else:
-            os.environ[kernels.ENV] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _time(fn: Callable[[], object], device: torch.device, repeat: int) -> float:

@@ -48,7 +48,8 @@ Check = Callable[[torch.device, torch.dtype, int], None]
 
 
 class _Paths:
-    """Runs a call on the kernel path or on the torch path (the reference)."""
+    """Runs a call on the kernel path or on the torch path (the reference: the torch code,
+    with the CPU's numba kernels off too)."""
 
     def __init__(self, device: torch.device) -> None:
         self.kernel_mode = "auto" if device.type == "cuda" else "interpret"
@@ -63,7 +64,7 @@ class _Paths:
         assert used, f"{comp.spec()} on {x.device} takes the torch path, not a kernel"
 
     def ref(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        with _kernel_mode("off"):
+        with _kernel_mode("off", numba=False):  # the torch code, not the CPU kernels
             return fn(*args, **kwargs)
 
 
