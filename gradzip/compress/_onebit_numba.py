@@ -26,7 +26,9 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-__all__ = ["column_apply", "column_stats", "decode_sum", "flat_fused", "probe", "sweep"]
+__all__ = [
+    "column_apply", "column_stats", "decode_sum", "flat_compress", "flat_fused", "probe", "sweep",
+]
 
 #: elements per fp32 partial sum: small enough that its rounding stays near fp32's last bit,
 #: large enough for the vectorised loop to amortise the fp64 add
@@ -153,6 +155,54 @@ def flat_fused(
             is_neg = v < 0
             mask[i] = is_neg
             r[i] = v - (neg_mean if is_neg else pos_mean)
+        _pack(mask, hi - lo, packed, lo // 8)
+    return -1
+
+
+@_jit(fast=True)
+def _run_stats(x: np.ndarray) -> tuple[float, float, int, float]:
+    """fp32 (sum of x >= 0, sum of x < 0), count of x < 0 and ``sum(x - x)``, read-only."""
+    pos = np.float32(0.0)
+    neg = np.float32(0.0)
+    cnt = 0
+    chk = np.float32(0.0)
+    for i in range(x.size):
+        v = x[i]
+        chk += v - v
+        is_neg = v < 0
+        pos += v if not is_neg else np.float32(0.0)
+        neg += v if is_neg else np.float32(0.0)
+        cnt += is_neg
+    return pos, neg, cnt, chk
+
+
+@_jit()
+def flat_compress(x: np.ndarray, bucket: int, scales: np.ndarray, packed: np.ndarray) -> int:
+    """:meth:`OneBit.compress` of the flat fp32 ``x`` in flat buckets, one bucket at a time
+    (its sums, then, still in cache, its sign bits): one read pass, nothing written but the
+    payload. The sums are taken as in :func:`flat_fused`. Returns -1, or the first bucket
+    holding a NaN/Inf (the payload is then incomplete)."""
+    n = x.size
+    mask = np.empty(min(n, bucket), dtype=np.uint8)
+    for k in range((n + bucket - 1) // bucket):
+        lo = k * bucket
+        hi = min(n, lo + bucket)
+        pos = 0.0
+        neg = 0.0
+        cnt = 0
+        chk = 0.0
+        for a in range(lo, hi, _SUB):
+            p, q, c, d = _run_stats(x[a : min(hi, a + _SUB)])
+            pos += p
+            neg += q
+            cnt += c
+            chk += d
+        if chk != 0.0:
+            return k
+        scales[2 * k] = np.float32(pos / max(hi - lo - cnt, 1))
+        scales[2 * k + 1] = np.float32(neg / max(cnt, 1))
+        for i in range(hi - lo):
+            mask[i] = x[lo + i] < 0
         _pack(mask, hi - lo, packed, lo // 8)
     return -1
 

@@ -297,11 +297,28 @@ class OneBit(Compressor):
     def compress(
         self, tensor: torch.Tensor, *, seed: int = 0, shared: torch.Tensor | None = None
     ) -> tuple[Payload, DenseCtx]:
-        """Sign bits and per-group means of ``tensor`` (deterministic: ``seed`` is unused)."""
+        """Sign bits and per-group means of ``tensor`` (deterministic: ``seed`` is unused).
+
+        Flat buckets of a CPU tensor go through numba (:func:`_onebit_numba.flat_compress`,
+        one read pass: the same sign bytes, scales equal up to their last bits)."""
         check_dtype(tensor)
         flat = tensor.detach().reshape(-1)
+        blocks = self._blocks(tensor.shape)
+        kernels = _numba_kernels() if flat.device.type == "cpu" else None
+        if kernels is not None and blocks and blocks[0].axis == 1:
+            x = flat.to(torch.float32).contiguous()
+            packed = torch.empty(packed_size(x.numel(), 1), dtype=torch.uint8)  # all written
+            scales = torch.empty(2 * sum(b.groups for b in blocks), dtype=torch.float32)
+            bad = kernels.flat_compress(x.numpy(), self.bucket_size, scales.numpy(),
+                                        packed.numpy())
+            if bad >= 0 or not bool(torch.isfinite(scales).all()):
+                raise CompressionError(
+                    f"tensor of shape {tuple(tensor.shape)} holds NaN or Inf values (or values "
+                    "whose fp32 sum overflows); 1-bit compression needs finite values"
+                )
+            return Payload((packed, scales)), DenseCtx(tensor.shape, tensor.dtype)
         packed = torch.zeros(packed_size(flat.numel(), 1), dtype=torch.uint8, device=flat.device)
-        scales = _sweep(self._blocks(tensor.shape), flat, None, packed, update=False)
+        scales = _sweep(blocks, flat, None, packed, update=False)
         if not bool(torch.isfinite(scales).all()):
             raise CompressionError(
                 f"tensor of shape {tuple(tensor.shape)} holds NaN or Inf values (or values whose "

@@ -209,3 +209,37 @@ def test_numba_decompress_sum_refuses_a_payload_that_does_not_fit(
     wide = type(q)((q[0], q[1].double()))
     with pytest.raises(CompressionError, match="dtype"):
         comp.decompress_sum([p, wide], [ctx, ctx])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape, options",
+    [((1,), {}), ((1023,), {"bucket_size": 64}), ((2**14 + 7,), {}), ((5, 40), {}), ((0,), {}),
+     ((), {}), ((300, 33), {"min_rows": 8})],  # the last: column groups, the torch path
+)
+def test_numba_compress_matches_torch(
+    shape: tuple[int, ...], options: dict[str, int], dtype: torch.dtype,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    comp = OneBit(**options)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    if x.numel() > 4:
+        x.view(-1)[:2] = torch.tensor([0.0, -0.0])  # signed zeros: bit 0
+    monkeypatch.setenv("GRADZIP_NUMBA", "1")
+    (packed_n, scales_n), ctx = comp.compress(x)
+    monkeypatch.setenv("GRADZIP_NUMBA", "0")
+    (packed_t, scales_t), _ = comp.compress(x)
+    assert torch.equal(packed_n, packed_t)  # sign bytes: bit for bit
+    top = float(scales_t.abs().max()) if scales_t.numel() else 0.0
+    torch.testing.assert_close(scales_n, scales_t, rtol=1e-6,
+                               atol=4 * torch.finfo(torch.float32).eps * top)
+    assert ctx.shape == x.shape and ctx.dtype == dtype
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_numba_compress_refuses_nan_and_inf(bad: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GRADZIP_NUMBA", "1")
+    x = torch.randn(20000)
+    x[17000] = bad
+    with pytest.raises(CompressionError, match="NaN or Inf"):
+        OneBit().compress(x)
