@@ -124,6 +124,7 @@ def predict_pipeline(
             payload=sum(b for b, _ in sizes),
             fixed=comp.fixed_payload() or comp.reduction is Reduction.SUM,
             nnz=sum(n for _, n in sizes),
+            feedback=comp.error_feedback,
         )
         parts.append((name, bucket, get(comp.spec())))
     return step_cost(parts, link, pipeline.backend.size, compute=compute, backward=backward,

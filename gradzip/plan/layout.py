@@ -106,6 +106,7 @@ def buckets(
                     payload=sum(s for s, _ in sizes),
                     fixed=comp.fixed_payload() or comp.reduction is Reduction.SUM,
                     nnz=sum(n for _, n in sizes),
+                    feedback=comp.error_feedback,
                 ),
             )
         )

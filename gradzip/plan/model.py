@@ -198,6 +198,7 @@ class Bucket:
     payload: int = 0
     fixed: bool = True
     nnz: int = 0
+    feedback: bool = False  # the method keeps error feedback (residuals on worker and server)
 
 
 def strategy_cost(
@@ -218,12 +219,18 @@ def strategy_cost(
     if strategy in ("allgather", "sparse_allgather"):
         return work + recv, exchange + allgather(link, p, b.payload)
     if strategy == "scatter_gather":
-        # chunks: each rank compresses its whole bucket in P pieces, serves one chunk (P
-        # payloads in, one re-compression), then decompresses P reduced chunks
-        serve = p * (calls * rates.decompress_call + b.dense / p * rates.decompress_byte)
-        serve += calls * rates.compress_call + b.dense / p * rates.compress_byte
-        back = p * (calls * rates.decompress_call + b.dense / p * rates.decompress_byte)
+        # chunks: each rank compresses its whole bucket in P pieces (and, with feedback,
+        # decompresses them for its residual), serves one chunk (P payloads in, one
+        # re-compression, and its decompression for the server's residual), then
+        # decompresses the P reduced chunks
+        chunk = calls * rates.decompress_call + b.dense / p * rates.decompress_byte
         work = p * calls * rates.compress_call + b.dense * rates.compress_byte
+        if b.feedback:
+            work += p * chunk
+        serve = p * chunk + calls * rates.compress_call + b.dense / p * rates.compress_byte
+        if b.feedback:
+            serve += chunk
+        back = p * chunk
         comm = alltoall(link, p, b.payload) + allgather(link, p, b.payload / p)
         return work + serve + back, exchange + comm
     if strategy == "ternary_sum":
