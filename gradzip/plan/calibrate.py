@@ -4,7 +4,9 @@ compressor's work on this device; cached per machine.
 * :func:`measure_link` times allgathers of a few sizes on the backend (a collective: every
   rank calls it at the same point), takes the slowest rank's time of each (one MAX allreduce,
   so that every rank fits the same numbers) and reads ``t = (P-1) (alpha + c beta)`` off
-  them: ``beta`` from the two largest, ``alpha`` from the smallest.
+  them: ``beta`` from the two largest, ``alpha`` from the smallest; then allreduces of the
+  two largest sizes give the allreduce's own rate (``reduce_beta``: gloo's allreduce and
+  allgather do not reach the same rate on one link).
 * :func:`measure_rates` times the send side (the fused error-feedback step where the method
   has one, else compensate and compress) and the receive side (the dense sum of one payload)
   of a compressor at two sizes, through the dispatch the optimizer uses, and fits seconds
@@ -86,7 +88,20 @@ def measure_link(
     per_step = [float(t) / (p - 1) for t in slowest.cpu()]
     _, beta = fit_line([float(s) for s in sizes[-2:]], per_step[-2:])
     alpha = max(per_step[0] - sizes[0] * beta, 0.0)
-    return Link(alpha, beta)
+    # the allreduce's own rate: a ring schedules 2 (P-1)/P m bytes per rank
+    reduce_times = []
+    for size in sizes[-2:]:
+        buf = torch.zeros(size // 4, dtype=torch.float32, device=backend.device)
+
+        def reduce(b: torch.Tensor = buf) -> object:
+            return backend.allreduce(b.clone()).wait()
+
+        reduce_times.append(_median_time(reduce, repeats))
+    slowest = backend.allreduce(
+        torch.tensor(reduce_times, dtype=torch.float64, device=backend.device), ReduceOp.MAX
+    ).wait()
+    _, slope = fit_line([float(s // 4 * 4) for s in sizes[-2:]], [float(t) for t in slowest.cpu()])
+    return Link(alpha, beta, reduce_beta=slope * p / (2 * (p - 1)))
 
 
 class RoundTrip:

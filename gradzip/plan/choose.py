@@ -14,7 +14,7 @@ from typing import Any
 
 from gradzip.compress.base import Reduction, compressor
 from gradzip.plan.layout import Tensor, buckets, payload_size, strategies_for
-from gradzip.plan.model import Bucket, Link, Rates, StepCost, step_cost
+from gradzip.plan.model import Bucket, Link, Rates, StepCost, dense_allreduce, step_cost
 
 __all__ = ["DEFAULT_METHODS", "Option", "best", "predict", "predict_pipeline"]
 
@@ -104,7 +104,7 @@ def predict_pipeline(
 ) -> StepCost:
     """The predicted step of a built optimizer's pipeline (``opt._gz`` after its first
     backward): its own buckets, compressors and strategies, each tensor's payload measured
-    as in :func:`~gradzip.plan.layout.payload_size`."""
+    as in :func:`~gradzip.plan.layout.payload_size`, and the step's flags allreduce."""
     get = rates or (lambda spec: Rates())
     if pipeline.buckets is None:
         raise ValueError("the pipeline has no buckets yet: predict after the first backward")
@@ -127,5 +127,9 @@ def predict_pipeline(
             feedback=comp.error_feedback,
         )
         parts.append((name, bucket, get(comp.spec())))
-    return step_cost(parts, link, pipeline.backend.size, compute=compute, backward=backward,
-                     overlap=overlap)
+    # the step's flags (which parameters were used, which buckets held a NaN/Inf): one small
+    # blocking allreduce of int32s every step
+    p = pipeline.backend.size
+    flags = dense_allreduce(link, p, 4 * (len(pipeline.slots) + len(pipeline.buckets)))
+    return step_cost(parts, link, p, compute=compute, backward=backward, overlap=overlap,
+                     control=flags)

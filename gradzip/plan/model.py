@@ -56,14 +56,24 @@ __all__ = [
 @dataclasses.dataclass(frozen=True)
 class Link:
     """The network between ranks: ``alpha`` seconds per message, ``beta`` seconds per byte
-    (1 / bandwidth), ``gamma`` seconds per byte of an elementwise fp32 sum."""
+    (1 / bandwidth), ``gamma`` seconds per byte of an elementwise fp32 sum. ``reduce_beta``:
+    the seconds per scheduled byte the engine's allreduce achieves, where it was measured
+    apart (an engine's allreduce and allgather need not reach the same rate on one link);
+    None: ``beta``."""
 
     alpha: float
     beta: float
     gamma: float = 0.0
+    reduce_beta: float | None = None
+
+    @property
+    def rbeta(self) -> float:
+        """``beta`` of the allreduce formulas."""
+        return self.beta if self.reduce_beta is None else self.reduce_beta
 
     def __post_init__(self) -> None:
-        for name in ("alpha", "beta", "gamma"):
+        names = ["alpha", "beta", "gamma"] + ([] if self.reduce_beta is None else ["reduce_beta"])
+        for name in names:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not (
                 math.isfinite(value) and value >= 0
@@ -93,7 +103,7 @@ def ring_allreduce(link: Link, p: int, m: float) -> float:
     if p == 1 or m <= 0:
         return 0.0
     share = (p - 1) / p * m
-    return 2 * (p - 1) * link.alpha + 2 * share * link.beta + share * link.gamma
+    return 2 * (p - 1) * link.alpha + 2 * share * link.rbeta + share * link.gamma
 
 
 def halving_doubling_allreduce(link: Link, p: int, m: float) -> float:
@@ -105,9 +115,9 @@ def halving_doubling_allreduce(link: Link, p: int, m: float) -> float:
         return 0.0
     p2 = 1 << (p.bit_length() - 1)
     share = (p2 - 1) / p2 * m
-    t = 2 * (p2.bit_length() - 1) * link.alpha + 2 * share * link.beta + share * link.gamma
+    t = 2 * (p2.bit_length() - 1) * link.alpha + 2 * share * link.rbeta + share * link.gamma
     if p2 < p:
-        t += 2 * (link.alpha + m * link.beta) + m * link.gamma
+        t += 2 * (link.alpha + m * link.rbeta) + m * link.gamma
     return t
 
 
@@ -117,7 +127,7 @@ def tree_allreduce(link: Link, p: int, m: float) -> float:
     if p == 1 or m <= 0:
         return 0.0
     depth = _log2_ceil(p)
-    return 2 * depth * (link.alpha + m * link.beta) + depth * m * link.gamma
+    return 2 * depth * (link.alpha + m * link.rbeta) + depth * m * link.gamma
 
 
 def dense_allreduce(link: Link, p: int, m: float) -> float:
@@ -264,17 +274,20 @@ def step_cost(
     compute: float = 0.0,
     backward: float = 0.0,
     overlap: float = 0.0,
+    control: float = 0.0,
 ) -> StepCost:
     """One step: ``compute`` (forward + backward, seconds) plus every bucket's work, plus the
     communication not hidden behind ``overlap`` of the ``backward`` seconds (see the module
-    docstring). ``buckets``: (strategy, bucket, rates) each."""
+    docstring). ``buckets``: (strategy, bucket, rates) each; ``control``: seconds of the
+    step's own small collectives (gradzip's flags allreduce), never hidden."""
     if not 0.0 <= overlap <= 1.0:
         raise ValueError(f"overlap={overlap!r}: expected a fraction in [0, 1]")
-    work = comm = payload = 0.0
+    work = payload = 0.0
+    comm = control
     for strategy, bucket, rates in buckets:
         w, c = strategy_cost(strategy, link, p, bucket, rates)
         work += w
         comm += c
         payload += bucket.payload
-    hidden = min(comm, overlap * backward)
+    hidden = min(comm - control, overlap * backward)
     return StepCost(compute, work, comm, compute + work + comm - hidden, payload)

@@ -65,4 +65,5 @@ def test_a_measured_link_is_the_same_on_every_rank() -> None:
     links = run_ranks(_link, 2, timeout_s=120)
     assert links[0] == links[1]
     assert links[0].alpha >= 0 and links[0].beta > 0
+    assert links[0].reduce_beta is not None and links[0].reduce_beta >= 0
     assert calibrate.measure_link(LocalBackend()) == Link(0.0, 0.0)

@@ -226,3 +226,13 @@ def test_the_cli_prints_a_table_per_world_size(capsys: pytest.CaptureFixture[str
     out = capsys.readouterr().out
     assert "world size 2" in out and "world size 1024" in out and "(fastest)" in out
     assert main(["--mlp", "784", "--world-size", "2"]) == 2
+
+
+def test_a_separately_measured_allreduce_rate_applies_to_allreduces_only() -> None:
+    link = M.Link(A, B, G, reduce_beta=B / 4)
+    assert M.ring_allreduce(link, 4, m) == pytest.approx(
+        6 * A + 2 * 0.75 * m * B / 4 + 0.75 * m * G)
+    assert M.allgather(link, 4, m) == M.allgather(LINK, 4, m)
+    assert M.alltoall(link, 4, m) == M.alltoall(LINK, 4, m)
+    with pytest.raises(ValueError, match="reduce_beta"):
+        M.Link(A, B, reduce_beta=-1.0)
