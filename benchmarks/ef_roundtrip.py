@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(headers, rows)
     print(table)
     if args.out is not None:
-        cmd = "python -m benchmarks.ef_roundtrip " + " ".join(argv if argv is not None else [])
+        cmd = "python -m benchmarks.ef_roundtrip " + " ".join(
+            sys.argv[1:] if argv is None else argv)
         text = (
             "# One compressor round trip on the CPU, as a multiple of `g.clone()`\n\n"
             f"Command: `{cmd.strip()}`. Machine: {machine_line()}; "
