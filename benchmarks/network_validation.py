@@ -65,7 +65,8 @@ def render(runs: list[dict[str, object]]) -> str:
             lines.append(f"| {label} | {method} | {float(r['step ms']):.1f} | "
                          f"{'n/a' if pred is None else f'{pred:.1f}'} | "
                          f"{'n/a' if err is None else f'{err:+.1f}'} |")
-        fixed = {m: float(r["step ms"]) for m, r in rows.items() if m not in ("auto",)}
+        fixed = {m: float(r["step ms"]) for m, r in rows.items()
+                 if m != "auto" and not m.startswith("ddp")}  # gradzip's own fixed choices
         if "auto" in rows and fixed:
             best = min(fixed, key=lambda m: fixed[m])
             auto = float(rows["auto"]["step ms"])
