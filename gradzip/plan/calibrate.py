@@ -12,11 +12,14 @@ compressor's work on this device; cached per machine.
   of a compressor at two sizes, through the dispatch the optimizer uses, and fits seconds
   per call and per byte.
 * :func:`cached_rates` keeps the rates in ``~/.cache/gradzip/plan-rates.json`` (or
-  ``$GRADZIP_CACHE``), keyed by host, device, torch version and compressor spec.
+  ``$GRADZIP_CACHE``), keyed by host, device, torch version, a digest of the compression
+  code (:func:`code_digest`) and compressor spec.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import platform
@@ -176,8 +179,21 @@ def cache_path() -> Path:
     return Path(root) / "plan-rates.json"
 
 
+@functools.cache
+def code_digest() -> str:
+    """A digest of the compression code's sources: rates measured by other code (an older
+    checkout, kernels changed since) are measured again, never reused."""
+    root = Path(__file__).resolve().parents[1] / "compress"
+    h = hashlib.blake2b(digest_size=8)
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 def _key(spec: str, device: torch.device | str) -> str:
-    return f"{platform.node()}|{torch.device(device)}|torch {torch.__version__}|{spec}"
+    return (f"{platform.node()}|{torch.device(device)}|torch {torch.__version__}|"
+            f"code {code_digest()}|{spec}")
 
 
 def cached_rates(

@@ -47,6 +47,10 @@ def test_rates_are_measured_once_and_cached(
     assert len(table) == 1 and next(iter(table)).endswith("|" + compressor("onebit").spec())
     calibrate.cached_rates("onebit", refresh=True)
     assert len(calls) == 2
+    # rates of other compression code are not reused
+    monkeypatch.setattr(calibrate, "code_digest", lambda: "0123456789abcdef")
+    calibrate.cached_rates("onebit")
+    assert len(calls) == 3
 
 
 def test_round_trip_sends_and_sums_one_payload() -> None:
