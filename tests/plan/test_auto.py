@@ -15,6 +15,7 @@ from dist_utils import run_ranks
 import gradzip
 from gradzip.allreduce.backend import Backend
 from gradzip.plan import auto
+from gradzip.plan.choose import predict
 from gradzip.plan.layout import Tensor
 from gradzip.plan.model import Link, Rates
 
@@ -109,3 +110,19 @@ def test_ranks_follow_rank_zeros_choice_and_train_in_step() -> None:
     assert runs[0]["plan"]["0.weight"].startswith("onebit")
     assert runs[0]["plan"]["0.bias"] == "none"
     assert torch.equal(runs[0]["weights"], runs[1]["weights"])
+
+
+def test_a_gain_within_the_models_error_stays_dense() -> None:
+    # 1-bit's work makes it a little faster than dense, by less than the margin: auto keeps
+    # dense; on a link ten times slower it compresses
+    cands = ("none", "onebit")
+    tensors = [Tensor("w", (1024, 1024))]
+    work = {gradzip.compressor("onebit").spec(): Rates(compress_byte=8.6e-10)}
+    near, far = Link(0.0, 1e-9), Link(0.0, 1e-8)
+    costs = {(o.spec, o.strategy): o.cost.step for o in predict(
+        tensors, near, 2, methods=cands, rates=lambda spec: work.get(spec, Rates()))}
+    one, dense = costs[("onebit", "allgather")], costs[("none", "dense")]
+    assert (1 - auto.MARGIN) * dense < one < dense
+    assert auto.decide(tensors, cands, near, 2, work).specs["w"] == "none"
+    assert auto.decide(tensors, cands, far, 2, work).specs["w"] == "onebit"
+    assert auto.decide(tensors, ("onebit",), far, 2, work).specs["w"] == "onebit"  # none added
