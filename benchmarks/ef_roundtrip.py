@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -40,7 +38,7 @@ import torch
 import gradzip
 from benchmarks.report import Cell, machine_line, markdown_table
 from gradzip.compress.base import Compressor
-from gradzip.plan.calibrate import RoundTrip
+from gradzip.plan.calibrate import RoundTrip, call_times
 
 __all__ = ["SPECS", "floor", "main", "round_trip", "run"]
 
@@ -83,14 +81,7 @@ def round_trip(spec: str, grad: torch.Tensor) -> Callable[[], torch.Tensor]:
 
 def _times(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
     """Minimum and median seconds of ``fn`` over ``repeats`` runs after two warm-up runs."""
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times), statistics.median(times)
+    return call_times(fn, repeats, warmup=2)
 
 
 @contextlib.contextmanager

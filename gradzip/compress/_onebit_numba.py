@@ -40,13 +40,18 @@ _STEP = 8192
 _MAGIC = np.uint64(0x0102040810204080)
 
 
-def _jit(fast: bool = False) -> Callable[[Callable[..., Any]], Any]:
-    """``njit(cache=True, nogil=True)``, uncached where no cache directory is writable.
+def _jit(fast: bool = False, inline: bool = False) -> Callable[[Callable[..., Any]], Any]:
+    """``njit(cache=True, nogil=True)``, uncached where no cache directory is writable; the
+    one jit of every numba kernel module of gradzip.
 
-    ``fast`` lets LLVM reassociate the fp32 partial sums so that they vectorise; no other
-    fast-math flag is set (NaN/Inf must propagate into the probe).
+    ``fast`` lets LLVM reassociate fp32 sums (partial sums, the finiteness probe
+    ``sum(v - v)``) so that they vectorise; no other fast-math flag is set (NaN/Inf must
+    propagate into the probe). ``inline``: numba inlines the function into its callers (a
+    call per chunk costs more than the work).
     """
-    flags = {"fastmath": {"reassoc"}} if fast else {}
+    flags: dict[str, Any] = {"fastmath": {"reassoc"}} if fast else {}
+    if inline:
+        flags["inline"] = "always"
 
     def wrap(fn: Callable[..., Any]) -> Any:
         try:

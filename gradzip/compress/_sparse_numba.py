@@ -41,9 +41,11 @@ from typing import Any
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import njit, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from gradzip.compress._onebit_numba import _jit
 
 __all__ = [
     "choose",
@@ -64,26 +66,6 @@ _ABS = np.uint32(0x7FFFFFFF)  # clears the sign bit: bits(|x|)
 _INF = np.uint32(0x7F800000)  # bits(inf); NaN patterns are above it
 #: elements of the evenly spread sample that aims the exact selection's threshold
 _SAMPLE = 16384
-
-
-def _jit(fast: bool = False, inline: bool = False) -> Callable[[Callable[..., Any]], Any]:
-    """``njit(cache=True, nogil=True)``, uncached where no cache directory is writable.
-
-    ``fast`` lets LLVM reassociate the finiteness probe ``sum(v - v)`` so that the loop
-    vectorises; no other fast-math flag (NaN/Inf must propagate into the probe). ``inline``:
-    numba inlines the function into its callers (a call per chunk costs more than the work).
-    """
-    flags: dict[str, Any] = {"fastmath": {"reassoc"}} if fast else {}
-    if inline:
-        flags["inline"] = "always"
-
-    def wrap(fn: Callable[..., Any]) -> Any:
-        try:
-            return njit(cache=True, nogil=True, **flags)(fn)
-        except RuntimeError:  # numba: "cannot cache function ...: no locator available"
-            return njit(nogil=True, **flags)(fn)
-
-    return wrap
 
 
 @intrinsic

@@ -38,7 +38,8 @@ from gradzip.compress.topk import desparsify_into
 from gradzip.plan.model import Link, Rates
 
 __all__ = [
-    "RoundTrip", "cache_path", "cached_rates", "fit_line", "measure_link", "measure_rates",
+    "RoundTrip", "cache_path", "cached_rates", "call_times", "fit_line", "measure_link",
+    "measure_rates",
 ]
 
 
@@ -54,14 +55,20 @@ def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
     return max(my - slope * mx, 0.0), slope
 
 
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()
+def call_times(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[float, float]:
+    """Minimum and median seconds of ``fn`` over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times), statistics.median(times)
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    return call_times(fn, repeats)[1]
 
 
 def measure_link(
