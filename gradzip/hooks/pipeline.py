@@ -69,6 +69,15 @@ def check_nonfinite(nonfinite: object) -> str:
     return str(nonfinite)
 
 
+def _unchecked(memory: Any) -> Any:
+    """``memory`` without its own NaN/Inf check of every gradient: the pipeline has checked
+    each bucket already (:meth:`GradPipeline._nonfinite`, one fp32 sum per tensor) and sends
+    zeros for a bad gradient, so a second read of every gradient would find nothing."""
+    if hasattr(memory, "check"):
+        memory.check = False
+    return memory
+
+
 def passes_nonfinite(c: Compressor) -> bool:
     """Whether ``c``'s payloads carry a NaN/Inf to the sum as they are (the dense casts,
     without feedback); every other compressor is sent zeros and flagged instead."""
@@ -168,7 +177,7 @@ class GradPipeline:
         self.dense_stream = next(k for k, st in enumerate(self.streams) if st.base == DENSE)
         self.warmup = NoMemory(check=False)  # the dense steps' memory (no error feedback)
         for s in slots:
-            s.memory = s.compressor.make_memory()
+            s.memory = _unchecked(s.compressor.make_memory())
         self.buckets: list[list[int]] | None = None  # fixed at the first launch
         self.pending: list[int] = []
         self.launched: list[_Launched] = []
@@ -205,7 +214,7 @@ class GradPipeline:
                 assert slot.capture is not None
                 slot.capture.remove()
                 slot.capture, slot.compressor = None, DENSE
-                slot.memory = DENSE.make_memory()
+                slot.memory = _unchecked(DENSE.make_memory())
         index = {s.base: k for k, s in enumerate(self.streams)}
         order = list(range(len(self.slots)))[::-1]  # reverse registration order
         position = {i: p for p, i in enumerate(order)}
