@@ -20,6 +20,11 @@ sparse strategy with the cheapest step wins; the GATHER methods take the library
 error-feedback methods from three ranks on), costed as such. Rank 0's decision is
 broadcast, so ranks whose measurements differ still agree. The decision is logged
 (logger ``gradzip.auto``, INFO) and kept as :attr:`Decision.report`.
+
+The DDP hook (``ddp_comm_hook("auto")``) sees no model, only DDP's flat buckets, and its state
+holds one compressor: it sends its first iteration dense, noting the buckets, then
+:func:`resolve_buckets` costs each candidate over all of them (each bucket compressed whole,
+as the hook does) and takes one for every bucket (``decide(..., uniform=True)``).
 """
 
 from __future__ import annotations
@@ -40,7 +45,10 @@ from gradzip.plan.calibrate import cached_rates, measure_link
 from gradzip.plan.layout import Tensor, buckets
 from gradzip.plan.model import Link, Rates, step_cost
 
-__all__ = ["DEFAULT_ALLOW", "Decision", "decide", "is_auto", "parse_auto", "resolve"]
+__all__ = [
+    "DEFAULT_ALLOW", "Decision", "agree", "decide", "is_auto", "parse_auto", "resolve",
+    "resolve_buckets",
+]
 
 log = logging.getLogger("gradzip.auto")
 
@@ -124,12 +132,15 @@ def decide(
     *,
     min_compress_numel: int = DEFAULT_MIN_COMPRESS_NUMEL,
     fusion_bytes: int = DEFAULT_FUSION_BYTES,
+    uniform: bool = False,
 ) -> Decision:
     """The model's choice (pure: the same inputs give the same choice on every rank).
 
     ``rates`` maps each candidate spec to its measured work. Ties go to the earlier
     candidate and strategy, so ``none`` wins a tie with any compressor; ``none`` is always
-    a candidate."""
+    a candidate. ``uniform``: one compressor for every bucket (the DDP hook's state holds
+    one), the one of least summed cost, again only where it is predicted at least
+    :data:`MARGIN` faster than dense."""
     if "none" not in candidates:
         candidates = ("none", *candidates)
     dense_buckets = [
@@ -146,14 +157,20 @@ def decide(
                          for c, bk in laid]
                 costs[(b, spec, s)] = step_cost(parts, link, world_size).step
     best: tuple[float, str, list[str]] | None = None
+    n = len(dense_buckets)
     for s in SPARSE:
-        picks = [_cheapest(candidates, costs, b, s) for b in range(len(dense_buckets))]
+        if uniform:
+            summed = {(0, spec, s): sum(costs[(b, spec, s)] for b in range(n))
+                      for spec in candidates}
+            picks = [_cheapest(candidates, summed, 0, s)] * n
+        else:
+            picks = [_cheapest(candidates, costs, b, s) for b in range(n)]
         total = sum(costs[(b, spec, s)] for b, spec in enumerate(picks))
         if best is None or total < best[0]:
             best = (total, s, picks)
     assert best is not None
     total, s, picks = best
-    dense = sum(costs[(b, "none", SPARSE[0])] for b in range(len(dense_buckets)))
+    dense = sum(costs[(b, "none", SPARSE[0])] for b in range(n))
     specs = {t.name: spec for members, spec in zip(dense_buckets, picks, strict=True)
              for t in members}
     lines = [
@@ -161,7 +178,8 @@ def decide(
         f"{(1 / link.beta if link.beta else float('inf')) * 8 / 1e6:.0f} Mbit/s; predicted "
         f"communication + compression {total * 1e3:.2f} ms per step against "
         f"{dense * 1e3:.2f} ms dense; sparse={s}, gather by the library's rule (scatter-"
-        "gather for error-feedback methods from 3 ranks on)",
+        "gather for error-feedback methods from 3 ranks on)"
+        + ("; one compressor for every bucket" if uniform else ""),
     ]
     for b, (members, spec) in enumerate(zip(dense_buckets, picks, strict=True)):
         ranked = sorted(candidates, key=lambda c: costs[(b, c, s)])
@@ -199,12 +217,40 @@ def resolve(
     fusion_bytes: int = DEFAULT_FUSION_BYTES,
 ) -> Decision:
     """Measure, decide on rank 0, broadcast: the :class:`Decision` every rank follows."""
-    candidates = parse_auto(compression)
     tensors = [Tensor(n, tuple(p.shape), p.dtype) for n, p in named if p.requires_grad]
     device = next((p.device for _, p in named), torch.device("cpu"))
+    return agree(compression, tensors, backend, device,
+                 min_compress_numel=min_compress_numel, fusion_bytes=fusion_bytes)
+
+
+def resolve_buckets(
+    compression: str, layout: Sequence[tuple[int, int, torch.dtype]], backend: Backend,
+    device: torch.device,
+) -> Decision:
+    """The DDP hook's choice: one compressor for all of DDP's flat buckets (``(index, numel,
+    dtype)`` each, as the hook saw them), each bucket compressed whole; measured, decided on
+    rank 0 and broadcast like :func:`resolve`. ``specs`` is keyed ``"bucket <index>"``."""
+    tensors = [Tensor(f"bucket {i}", (n,), dtype) for i, n, dtype in layout]
+    return agree(compression, tensors, backend, device, min_compress_numel=0, fusion_bytes=1,
+                 uniform=True)
+
+
+def agree(
+    compression: str,
+    tensors: Sequence[Tensor],
+    backend: Backend,
+    device: torch.device,
+    *,
+    min_compress_numel: int = DEFAULT_MIN_COMPRESS_NUMEL,
+    fusion_bytes: int = DEFAULT_FUSION_BYTES,
+    uniform: bool = False,
+) -> Decision:
+    """Measure the link and the candidates' work, decide (:func:`decide`) and take rank 0's
+    decision on every rank (a collective: every rank calls it at the same point)."""
+    candidates = parse_auto(compression)
     link = measure_link(backend)
     rates = {compressor(c).spec(): cached_rates(c, device) for c in candidates}
-    mine = decide(tensors, candidates, link, backend.size, rates,
+    mine = decide(tensors, candidates, link, backend.size, rates, uniform=uniform,
                   min_compress_numel=min_compress_numel, fusion_bytes=fusion_bytes)
     # rank 0's choice for everyone: candidates by index, strategies by index
     order = [t.name for t in tensors]

@@ -1,6 +1,7 @@
 """compression="auto": what it may choose, that it follows the model, and that ranks agree."""
 
 import os
+import pickle
 import sys
 import tempfile
 from pathlib import Path
@@ -126,3 +127,71 @@ def test_a_gain_within_the_models_error_stays_dense() -> None:
     assert auto.decide(tensors, cands, near, 2, work).specs["w"] == "none"
     assert auto.decide(tensors, cands, far, 2, work).specs["w"] == "onebit"
     assert auto.decide(tensors, ("onebit",), far, 2, work).specs["w"] == "onebit"  # none added
+
+
+def test_uniform_takes_one_compressor_for_every_bucket() -> None:
+    # two buckets that alone would choose differently: a large one (compress) and a tiny one
+    # (dense: latency-bound); uniform sums each candidate over both and takes one
+    tensors = [Tensor("big", (4096, 1024)), Tensor("tiny", (8,))]
+    cands = ("none", "onebit")
+    slow = Link.of(12.5e6, 5e-5)
+    per_bucket = auto.decide(tensors, cands, slow, 4, {}, fusion_bytes=1, min_compress_numel=0)
+    one = auto.decide(tensors, cands, slow, 4, {}, fusion_bytes=1, min_compress_numel=0,
+                      uniform=True)
+    assert len(set(one.specs.values())) == 1
+    assert set(one.specs.values()) == {"onebit"}  # the big bucket's saving outweighs
+    assert one.predicted >= per_bucket.predicted  # per bucket can only do as well or better
+    assert "one compressor for every bucket" in one.report
+    fast = Link.of(1.25e11, 1e-6)
+    costly = {gradzip.compressor("onebit").spec(): Rates(1e-3, 1e-8, 1e-3, 1e-8)}
+    assert set(auto.decide(tensors, cands, fast, 4, costly, fusion_bytes=1,
+                           uniform=True).specs.values()) == {"none"}
+
+
+def _ddp_auto_run(backend: Backend, cache: str) -> dict[str, Any]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ["GRADZIP_CACHE"] = cache
+    slow = Rates(10.0, 1e-3, 10.0, 1e-3)  # rank 1 finds 1-bit ruinously slow, rank 0 free
+    auto.cached_rates = lambda spec, device="cpu": (  # type: ignore[assignment]
+        slow if backend.rank == 1 and spec.startswith("onebit") else Rates()
+    )
+    measured = auto.measure_link
+    auto.measure_link = lambda b: (  # type: ignore[assignment]
+        measured(b), Link.of(12.5e6, 1e-4))[1]
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(784, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
+    ddp = DistributedDataParallel(net, bucket_cap_mb=1)
+    state, hook = gradzip.ddp_comm_hook("auto:allow=onebit", dense_steps=0)
+    ddp.register_comm_hook(state, hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    seen = []
+    for step in range(4):
+        opt.zero_grad()
+        torch.manual_seed(10 * step + backend.rank)
+        x, y = torch.randn(16, 784), torch.randint(0, 10, (16,))
+        torch.nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.step()
+        seen.append((state.compression.spec(), state.stats["bytes_in"], state.stats["dense_bytes"]))
+    restored = pickle.loads(pickle.dumps(state))
+    return {
+        "seen": seen,
+        "decision": state.auto_decision,
+        "restored": (restored.compression.spec(), restored.auto_decision),
+        "weights": torch.cat([p.detach().reshape(-1) for p in net.parameters()]),
+    }
+
+
+def test_the_ddp_hook_chooses_after_its_first_step_as_rank_zero_does() -> None:
+    with tempfile.TemporaryDirectory() as cache:
+        runs = run_ranks(_ddp_auto_run, 2, cache, timeout_s=180)
+    for run in runs:
+        (spec0, in0, dense0), *rest = run["seen"]
+        # step 0 goes dense (the hook sees DDP's buckets), then every bucket is 1-bit
+        assert spec0.startswith("onebit") and in0 >= dense0
+        last_in, last_dense = rest[-1][1], rest[-1][2]
+        assert (last_dense - dense0) / (last_in - in0) > 10
+        assert set(run["decision"].specs.values()) == {"onebit"}
+        assert run["restored"] == (spec0, run["decision"])
+    assert runs[0]["seen"] == runs[1]["seen"]
+    assert torch.equal(runs[0]["weights"], runs[1]["weights"])
