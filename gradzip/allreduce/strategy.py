@@ -87,7 +87,10 @@ def compress_entries(
 ) -> tuple[list[Payload], list[Any]]:
     """Payload and ctx of every entry (precompressed ones pass through)."""
     todo = [(e.key, e.tensor) for e in entries if e.tensor is not None]
-    agreed = agree_shared(backend, compressor, [t for _, t in todo])
+    if compressor.gather_shares_stat():
+        agreed = agree_shared(backend, compressor, [t for _, t in todo])
+    else:  # each payload carries its own scaler: no blocking allreduce before the gather
+        agreed = [None] * len(todo)
     shared = {key: s for (key, _), s in zip(todo, agreed, strict=True)}
     payloads, ctxs = [], []
     for e in entries:

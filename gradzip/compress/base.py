@@ -212,6 +212,12 @@ class Compressor(abc.ABC):
         """A scalar that ranks must MAX-reduce before ``compress`` (TernGrad's scaler); or None."""
         return None
 
+    def gather_shares_stat(self) -> bool:
+        """Whether a gather (every rank's payload travels as it is, its own scaler with it)
+        MAX-reduces ``shared_stat`` first all the same; strategies that add the payloads up
+        (TernGrad's ternary sum) always do."""
+        return True
+
     def fixed_payload(self) -> bool:
         """Whether the payload's layout follows from the tensor's shape and dtype alone (then
         every rank's payload of one bucket has the same size, and a gather needs no size

@@ -9,7 +9,13 @@ to 0. Then with scaler ``s = max|g|``, each element becomes ``s * sign(g_i) * b_
 
 Scaler sharing: every rank calls :meth:`TernGrad.shared_stat` (its local ``s``), the allreduce
 layer MAX-reduces it, and each rank compresses with ``shared=S``; all ranks then send integer
-multiples of the same S, so their ternary values add up exactly.
+multiples of the same S, so their ternary values add up exactly. The paper shares the scaler
+so that ternary values can be summed as integers; gradzip's ternary-sum strategy does that and
+always shares. The allgather (the default strategy) sends each rank's scaler with its trits, so
+there sharing buys nothing, costs a blocking MAX allreduce per bucket before the gather, and
+adds variance (the Bernoulli variance of element ``i`` is ``s*|g_i| - g_i**2``, and the max of
+the ranks' ``s`` is at least each rank's own): by default (``share=False``) every rank uses its
+own scaler there; ``share=True`` shares it as the paper does.
 
 Wire format (``n`` elements, trit ``t_i = sign(g_i) * b_i`` sent as ``t_i + 1`` in {0, 1, 2}):
 
@@ -118,8 +124,11 @@ class TernGrad(Compressor):
     # what the user tunes
     clip: float | None = 2.5
     packing: Literal["2bit", "base3"] = "2bit"
+    share: bool = False  # MAX-share the scaler on the allgather too (the ternary sum always does)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.share, bool):
+            raise ValueError(f"terngrad share={self.share!r}: expected True or False")
         clip = self.clip
         if clip is not None and (
             isinstance(clip, bool) or not isinstance(clip, int | float) or not clip >= 0
@@ -140,6 +149,10 @@ class TernGrad(Compressor):
         sigma = torch.linalg.vector_norm(g) / math.sqrt(g.numel())
         bound = self.clip * sigma
         return torch.clamp(g, min=-bound, max=bound)
+
+    def gather_shares_stat(self) -> bool:
+        """``share``: whether the allgather MAX-reduces the scaler first (see the module doc)."""
+        return self.share
 
     def shared_stat(self, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's scaler ``max|clip(g)|`` as a 0-d fp32 tensor; ranks MAX-reduce it."""

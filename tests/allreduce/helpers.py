@@ -93,10 +93,14 @@ def agreed_shared(c: Compressor, tensors: Sequence[torch.Tensor]) -> torch.Tenso
 
 
 def reference_mean(
-    c: Compressor, per_rank: Sequence[torch.Tensor], key: str, step: int = 0, seed: int = 0
+    c: Compressor, per_rank: Sequence[torch.Tensor], key: str, step: int = 0, seed: int = 0,
+    share: bool | None = None,
 ) -> torch.Tensor:
-    """Mean over ranks of decompress(compress(g_r)) with the seeds the strategies use."""
-    shared = agreed_shared(c, per_rank)
+    """Mean over ranks of decompress(compress(g_r)) with the seeds the strategies use;
+    ``share``: with the MAX of the ranks' ``shared_stat`` (None: as the allgather does,
+    ``c.gather_shares_stat()``; the ternary sum always shares)."""
+    share = c.gather_shares_stat() if share is None else share
+    shared = agreed_shared(c, per_rank) if share else None
     total = torch.zeros(per_rank[0].shape)
     for r, g in enumerate(per_rank):
         p, ctx = c.compress(g, seed=derive_seed(seed, step, key, r), shared=shared)
@@ -122,7 +126,8 @@ def simulate_scatter_gather(
         sums = []
         for j in range(p):
             ck = f"{key}/chunk{j}"
-            shared = agreed_shared(c, [chunks[r][j] for r in range(p)])
+            shared = (agreed_shared(c, [chunks[r][j] for r in range(p)])
+                      if c.gather_shares_stat() else None)
             total = torch.zeros(chunks[0][j].numel())
             for r in range(p):
                 pl, ctx = c.compress(

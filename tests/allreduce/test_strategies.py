@@ -120,21 +120,24 @@ def test_matches_single_process_reference(runs: Any, world: int, name: str, how:
         if how == "scatter_gather":
             expect = simulate_scatter_gather(c, [[g[key] for g in gs] for gs in grads], key)
         else:
-            expect = _reference_steps(c, grads, key)
+            expect = _reference_steps(c, grads, key, share=how == "ternary_sum" or None)
         for step in range(STEPS):
             tol = 1e-2 if name in ("fp16", "bf16") else 1e-6
             torch.testing.assert_close(got[0][step][key], expect[step], rtol=tol, atol=tol)
 
 
-def _reference_steps(c: Compressor, grads: list[list[dict[str, Any]]], key: str) -> list[Any]:
-    """Reference over steps, with per-rank worker error feedback when the compressor has it."""
+def _reference_steps(
+    c: Compressor, grads: list[list[dict[str, Any]]], key: str, share: bool | None = None
+) -> list[Any]:
+    """Reference over steps, with per-rank worker error feedback when the compressor has it
+    (``share``: as :func:`reference_mean`'s)."""
     residual = [torch.zeros(grads[0][0][key].shape) for _ in grads[0]]
     out = []
     for step, per_rank in enumerate(grads):
         comp = [
             g[key] + residual[r] if c.error_feedback else g[key] for r, g in enumerate(per_rank)
         ]
-        out.append(reference_mean(c, comp, key, step))
+        out.append(reference_mean(c, comp, key, step, share=share))
         if c.error_feedback:
             for r, x in enumerate(comp):
                 p, ctx = c.compress(x, seed=gradzip.derive_seed(0, step, key, r))

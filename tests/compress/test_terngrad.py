@@ -160,3 +160,31 @@ def test_spec_round_trip_and_registry() -> None:
         assert gradzip.compressor(comp.spec()) == comp
     assert gradzip.compressor("terngrad:clip=none") == TernGrad(clip=None)
     assert TernGrad().reduction is gradzip.Reduction.GATHER
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_the_allgather_shares_the_scaler_only_when_asked(share: bool) -> None:
+    # two ranks on one process: rank 1's gradient is 4x rank 0's. Its own scaler goes with
+    # each payload (no MAX allreduce before the gather) unless share=True
+    from gradzip.allreduce.backend import LocalBackend, ReduceOp
+    from gradzip.allreduce.entry import Entry
+    from gradzip.allreduce.strategy import compress_entries
+
+    comp = gradzip.compressor("terngrad" + (":share=True" if share else ""))
+    assert comp.gather_shares_stat() is share
+    g = torch.randn(1000, generator=torch.Generator().manual_seed(3))
+    scalers, calls = [], []
+    for grad in (g, 4 * g):
+        backend = LocalBackend()
+        plain = backend.allreduce
+
+        def allreduce(t: torch.Tensor, op: ReduceOp = ReduceOp.SUM, plain=plain):  # type: ignore[no-untyped-def]
+            calls.append(op)
+            return plain(t.clone().fill_(float(4 * comp.shared_stat(g))), op)  # rank 1's max
+
+        backend.allreduce = allreduce  # type: ignore[method-assign]
+        (payload,), _ = compress_entries(backend, comp, [Entry("w", grad)], seed=0, step=0)
+        scalers.append(float(payload[1]))
+    own = [float(comp.shared_stat(g)), float(comp.shared_stat(4 * g))]
+    assert scalers == (own[1:] * 2 if share else own)
+    assert calls == ([ReduceOp.MAX] * 2 if share else [])

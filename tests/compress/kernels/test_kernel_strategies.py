@@ -52,17 +52,20 @@ def test_combine_sums_on_the_kernel_like_the_torch_path(
     assert len(calls) == 1
 
 
-@pytest.mark.parametrize("gather", ["allgather", "scatter_gather"])
+@pytest.mark.parametrize(("gather", "share"), [
+    ("allgather", False), ("allgather", True), ("scatter_gather", False)])
 def test_gather_strategies_compress_on_the_kernel(
-    load: Load, monkeypatch: pytest.MonkeyPatch, gather: str
+    load: Load, monkeypatch: pytest.MonkeyPatch, gather: str, share: bool
 ) -> None:
-    comp = TernGrad()
+    comp = TernGrad(share=share)
     stats = _spy(monkeypatch, load("terngrad"), "shared_stat")
     compressed = _spy(monkeypatch, load("terngrad"), "compress")
     grad = torch.randn(40, 7, generator=torch.Generator().manual_seed(1))
     strategy = strategy_for(comp, gather=gather)
     (out,) = strategy.start(LocalBackend(), comp, [Entry("w", grad)], seed=3).wait()
-    assert len(stats) >= 1 and len(compressed) >= 1
+    # the allgather shares the scaler (a statistic before compressing) only with share=True;
+    # scatter-gather's server side takes the statistic of its own sum
+    assert (len(stats) >= 1) == (share or gather == "scatter_gather") and len(compressed) >= 1
     assert out.reduced.shape == grad.shape and out.reduced.dtype == grad.dtype
     # one rank: the reduced gradient is the decompressed kernel payload, s * {-1, 0, 1}
     s = float(kernels.shared_stat(comp, grad.reshape(-1)))  # type: ignore[arg-type]
