@@ -197,6 +197,10 @@ class Compressor(abc.ABC):
     #: the steps sent dense before this method starts when the user leaves ``dense_steps``
     #: to its default (``None``); see each method's docstring for why it asks for them
     default_dense_steps: ClassVar[int] = 0
+    #: the memory holds the momentum the optimizer runs without (DGC): dense steps must still
+    #: go through it (``compensate``, the whole result sent, ``update`` with all of it), or
+    #: they would train without momentum
+    carries_momentum: ClassVar[bool] = False
 
     @abc.abstractmethod
     def compress(

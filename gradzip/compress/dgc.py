@@ -12,8 +12,15 @@ the four techniques of the paper:
   threshold by ``N^(-1/2)`` because the sum of N independent local gradients has a norm about
   ``sqrt(N)`` times larger. The memory sees one tensor at a time, so the norm is per tensor
   (per key), not over the whole model.
-- **momentum factor masking** (sec. 3.3): where an entry was sent, both ``u`` and ``v`` are
-  zeroed (:meth:`DGCMemory.update`), so stale momentum does not push it again.
+- **momentum factor masking** (sec. 3.3), ``masking=True``: where an entry was sent, ``u`` is
+  zeroed as well as ``v`` (:meth:`DGCMemory.update`), so stale momentum does not push it
+  again. It is off by default. It assumes an entry is sent rarely; an entry sent every step
+  (the ``min_values`` of a small tensor, the 25-75% densities of the warm-up) then has
+  ``u = g`` each step and moves with plain SGD, 1/(1-m) = 10x less than the momentum SGD it
+  replaces. Measured with ``benchmarks/accuracy.py`` (4 workers, 3 seeds): see the README's
+  accuracy section and ``benchmarks/results/accuracy_*_dgc_masking.md``. Without it, ``v`` is
+  still zeroed where sent (the error feedback), and ``u`` is the plain momentum, as under the
+  optimizer's momentum correction for top-k.
 - **warm-up** (sec. 3.4): the sparsity rises exponentially over the first epochs, by default
   75% -> 93.75% -> 98.4% -> 99.6% -> 99.9% (:meth:`DGC.density`). The compressor is a
   frozen value; the training loop (or the optimizer wrapper) calls ``dgc.at_epoch(e)`` at the
@@ -110,21 +117,28 @@ class DGCMemory:
     """DGC's local state per key: momentum ``u`` and velocity ``v`` (fp32).
 
     ``compensate(key, g)`` clips ``g`` and returns the new velocity ``v + (m*u + g)``;
-    ``update(key, v, decompressed)`` stores it with momentum factor masking: ``u`` and ``v``
-    become 0 wherever ``decompressed`` is non-zero (what was sent), so afterwards
-    ``v == compensated - decompressed`` exactly for an fp32 payload. Nothing is stored until
-    ``update``: a NaN/Inf gradient raises in ``compensate`` and leaves ``u`` and ``v`` as they
-    were.
+    ``update(key, v, decompressed)`` stores it: ``v`` becomes 0 wherever ``decompressed`` is
+    non-zero (what was sent), so afterwards ``v == compensated - decompressed`` exactly for an
+    fp32 payload, and with ``masking`` (the paper's momentum factor masking) so does ``u``.
+    Nothing is stored until ``update``: a NaN/Inf gradient raises in ``compensate`` and leaves
+    ``u`` and ``v`` as they were.
     """
 
     def __init__(
-        self, momentum: float = 0.9, clip_norm: float | None = None, check: bool = True
+        self,
+        momentum: float = 0.9,
+        clip_norm: float | None = None,
+        check: bool = True,
+        masking: bool = False,
     ) -> None:
         _check_momentum(momentum)
         if clip_norm is not None and not clip_norm > 0:
             raise ValueError(f"DGCMemory: clip_norm={clip_norm!r}; expected None or > 0")
+        if not isinstance(masking, bool):
+            raise ValueError(f"DGCMemory: masking={masking!r}; expected True or False")
         self.momentum = float(momentum)
         self.clip_norm = clip_norm
+        self.masking = masking  # zero u, not only v, where an entry was sent
         self.check = check
         self.momenta: dict[Key, torch.Tensor] = {}
         self.velocities: dict[Key, torch.Tensor] = {}
@@ -166,7 +180,7 @@ class DGCMemory:
                 f"DGCMemory.update({key!r}) without a compensate({key!r}) before it"
             )
         sent = decompressed.reshape(compensated.shape) != 0
-        self.momenta[key] = u_new.masked_fill_(sent, 0.0)
+        self.momenta[key] = u_new.masked_fill_(sent, 0.0) if self.masking else u_new
         self.velocities[key] = compensated.to(torch.float32).masked_fill_(sent, 0.0)
 
     def discard(self, key: Key) -> None:
@@ -273,12 +287,18 @@ class DGC(Compressor):
 
     reduction: ClassVar[Reduction] = Reduction.SPARSE
     error_feedback = True  # the velocity keeps what was not sent
+    carries_momentum: ClassVar[bool] = True  # dense steps (dense_steps=N) keep the momentum
 
     # what the user tunes
     #: fraction of the elements sent after warm-up (0.001 = 99.9% sparsity)
     ratio: float = 0.001
     #: momentum of the momentum correction, 0 <= momentum < 1 (the optimizer's must be 0)
     momentum: float = 0.9
+    #: momentum factor masking (sec. 3.3): zero ``u`` too where an entry was sent. Off by
+    #: default: an entry sent every step (small tensors under ``min_values``, the warm-up's
+    #: high densities) then steps with ``g`` alone, 1/(1-m) = 10x less than momentum SGD; see
+    #: the module docstring for what it measured
+    masking: bool = False
     #: global gradient-clipping threshold (None: no clipping); local = clip_norm / sqrt(N)
     clip_norm: float | None = None
     #: N, the number of ranks, for the N^(-1/2) scaling of clip_norm
@@ -309,6 +329,8 @@ class DGC(Compressor):
         check_ratio(self.warmup_ratio, "warmup_ratio", owner="dgc")
         check_ratio(self.sample_ratio, "sample_ratio", owner="dgc")
         _check_momentum(self.momentum)
+        if not isinstance(self.masking, bool):
+            raise ValueError(f"dgc: masking={self.masking!r}; expected True or False")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError(f"dgc: clip_norm={self.clip_norm!r}; expected None or a number > 0")
         if isinstance(self.world_size, bool) or not isinstance(self.world_size, int):
@@ -364,7 +386,9 @@ class DGC(Compressor):
         return dataclasses.replace(self, epoch=step * self.warmup_epochs / self.warmup_steps)
 
     def make_memory(self) -> DGCMemory:
-        return DGCMemory(momentum=self.momentum, clip_norm=self.local_clip_norm)
+        return DGCMemory(
+            momentum=self.momentum, clip_norm=self.local_clip_norm, masking=self.masking
+        )
 
     def compress(
         self, tensor: torch.Tensor, *, seed: int = 0, shared: torch.Tensor | None = None
@@ -436,7 +460,7 @@ class DGC(Compressor):
                 memory.momenta.pop(key, None)
             feedback_failed(memory.velocities, key, flat, memory.check, inplace)
         idx, vals = got
-        kern.mask_dgc(ou, ov, idx, vals)
+        kern.mask_dgc(ou if memory.masking else ov, ov, idx, vals)  # ov twice: v only
         memory.momenta[key], memory.velocities[key] = u2.view(grad.shape), v2.view(grad.shape)
         payload = Payload((torch.from_numpy(idx), torch.from_numpy(vals)))
         return payload, SparseCtx(grad.shape, torch.float32, n)

@@ -83,6 +83,7 @@ class _InFlight(NamedTuple):
     dense: bool = False  # sent uncompressed (one of the first ``dense_steps``): no feedback
     bad: bool = False  # this rank's bucket held a NaN/Inf (sent as zeros unless passthrough)
     passthrough: bool = False  # NaN/Inf travel as they are (dense casts)
+    momentum: bool = False  # a dense step through DGC's memory: its momentum, all of it sent
 
 
 class DDPHookState:
@@ -263,7 +264,10 @@ class DDPHookState:
             passthrough = dense or passes_nonfinite(comp)
             bad = not is_finite(buffer)
             grad = torch.zeros_like(buffer) if bad and not passthrough else buffer
-            if passthrough:  # warm-up or a dense cast: the plain bucket, no error feedback
+            momentum = dense and self.compression.carries_momentum and not bad
+            if momentum:  # DGC's warm-up steps: its momentum applied, the whole bucket sent
+                compensated = self.memory.memory.compensate(index, grad)
+            elif passthrough:  # warm-up or a dense cast: the plain bucket, no error feedback
                 compensated = NoMemory(check=False).compensate(index, grad)
             else:
                 compensated = self.memory.memory.compensate(index, grad)
@@ -278,7 +282,10 @@ class DDPHookState:
             raise
         future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
         self._pending.append(
-            _InFlight(future, work, strategy, index, compensated, buffer, dense, bad, passthrough)
+            _InFlight(
+                future, work, strategy, index, compensated, buffer, dense, bad, passthrough,
+                momentum,
+            )
         )
         nbytes = buffer.numel() * buffer.element_size()
         self.counters["buckets"] += 1
@@ -390,6 +397,8 @@ class DDPHookState:
             job.strategy.settle(job.key, keep=not self._skipped)
             if self._skipped:
                 self.memory.memory.discard(job.key)
+            elif job.momentum:  # everything was sent: v back to 0, u kept
+                self.memory.memory.update(job.key, job.compensated, job.compensated)
             elif result.local is not None and not job.dense:
                 self.memory.memory.update(job.key, job.compensated, result.local)
         self._settle, self._skipped = [], False

@@ -343,7 +343,10 @@ class GradPipeline:
         s = self.slots[i]
         stream = self.streams[s.stream]
         if self.dense:  # warm-up: the plain gradient; error feedback starts afterwards
-            return Entry(s.name, self.warmup.compensate(s.name, self._grad(i, bad, True)))
+            grad = self._grad(i, bad, True)
+            if s.compressor.carries_momentum:  # DGC: its momentum, all of it sent
+                return Entry(s.name, s.memory.compensate(s.name, grad))
+            return Entry(s.name, self.warmup.compensate(s.name, grad))
         if s.capture is not None:
             assert isinstance(s.compressor, SFB)
             if s.passes == 0:
@@ -449,6 +452,9 @@ class GradPipeline:
                     self._write(i, entry, red, feedback=False)
                 else:
                     self._write(i, entry, red, feedback=not done.dense)
+                    s = self.slots[i]
+                    if done.dense and s.compressor.carries_momentum and entry.tensor is not None:
+                        s.memory.update(s.name, entry.tensor, entry.tensor)  # all of it sent
                     done.strategy.settle(entry.key, keep=True)
                     if self.momentum is not None:
                         self.momentum.commit(i)

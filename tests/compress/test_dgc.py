@@ -24,8 +24,11 @@ def _step(comp: DGC, mem: DGCMemory, key: str, grad: torch.Tensor, seed: int) ->
     return out
 
 
-def _reference(grads: list[torch.Tensor], m: float, k: int, clip: float | None) -> list:
-    """The paper's Algorithm (momentum correction, clipping, masking) with a sort for top-k."""
+def _reference(
+    grads: list[torch.Tensor], m: float, k: int, clip: float | None, masking: bool = True
+) -> list:
+    """The paper's Algorithm (momentum correction, clipping, masking when asked) with a sort
+    for top-k."""
     u = torch.zeros_like(grads[0])
     v = torch.zeros_like(grads[0])
     sent_all = []
@@ -40,18 +43,22 @@ def _reference(grads: list[torch.Tensor], m: float, k: int, clip: float | None) 
         mask = mask.view(v.shape)
         sent_all.append(torch.where(mask, v, torch.zeros_like(v)))
         v = torch.where(mask, torch.zeros_like(v), v)
-        u = torch.where(mask, torch.zeros_like(u), u)
+        if masking:
+            u = torch.where(mask, torch.zeros_like(u), u)
     return [sent_all, u, v]
 
 
+@pytest.mark.parametrize("masking", [False, True])
 @pytest.mark.parametrize("selection", ["exact", "sampled"])
 @pytest.mark.parametrize("clip", [None, 3.0])
-def test_momentum_correction_matches_reference(selection: str, clip: float | None) -> None:
-    comp = DGC(ratio=0.01, momentum=0.9, clip_norm=clip, world_size=4, selection=selection, min_values=0)  # type: ignore[arg-type]  # noqa: E501
+def test_momentum_correction_matches_reference(
+    selection: str, clip: float | None, masking: bool
+) -> None:
+    comp = DGC(ratio=0.01, momentum=0.9, clip_norm=clip, world_size=4, selection=selection, min_values=0, masking=masking)  # type: ignore[arg-type]  # noqa: E501
     mem = comp.make_memory()
     grads = [_rand(30, 40, seed=s) for s in range(5)]
     local = None if clip is None else clip / math.sqrt(4)
-    sent_ref, u_ref, v_ref = _reference(grads, 0.9, topk_count(0.01, 1200), local)
+    sent_ref, u_ref, v_ref = _reference(grads, 0.9, topk_count(0.01, 1200), local, masking)
     for step, g in enumerate(grads):
         out = _step(comp, mem, "w", g, seed=step)
         torch.testing.assert_close(out, sent_ref[step], rtol=1e-6, atol=1e-6)
@@ -59,8 +66,9 @@ def test_momentum_correction_matches_reference(selection: str, clip: float | Non
     torch.testing.assert_close(mem.velocities["w"], v_ref, rtol=1e-6, atol=1e-6)
 
 
-def test_masking_zeroes_u_and_v_where_sent() -> None:
-    comp = DGC(ratio=0.05, warmup_epochs=0)
+@pytest.mark.parametrize("masking", [False, True])
+def test_masking_zeroes_u_and_v_where_sent(masking: bool) -> None:
+    comp = DGC(ratio=0.05, warmup_epochs=0, masking=masking)
     mem = comp.make_memory()
     for step in range(3):
         v = mem.compensate(0, _rand(500, seed=step))
@@ -70,7 +78,9 @@ def test_masking_zeroes_u_and_v_where_sent() -> None:
         mem.update(0, v, out)
         sent = payload[0].long()
         assert sent.numel() > 0
-        assert torch.all(mem.momenta[0][sent] == 0) and torch.all(mem.velocities[0][sent] == 0)
+        assert torch.all(mem.velocities[0][sent] == 0)
+        # u: zeroed where sent under masking; the plain momentum (non-zero) without it
+        assert bool(torch.all(mem.momenta[0][sent] == 0)) is masking
         # the velocity is the error-feedback residual: exactly compensated - decompressed
         assert torch.equal(mem.velocities[0], before - out)
         unsent = out == 0

@@ -300,7 +300,7 @@ def _dgc_ref(comp: DGC, mem: DGCMemory, grad: torch.Tensor, seed: int,
     "options",
     [{"epoch": None}, {}, {"selection": "exact"}, {"clip_norm": 50.0, "world_size": 4},
      {"momentum": 0.0}, {"min_values": 0, "ratio": 0.01}, {"epoch": 1.0},
-     {"sample_ratio": 0.1, "epoch": None}],
+     {"sample_ratio": 0.1, "epoch": None}, {"masking": True}, {"masking": True, "epoch": 1.0}],
 )
 @pytest.mark.parametrize("n", [5, 300, 5000, 100003])
 def test_dgc_fused_step_equals_the_unfused_steps(

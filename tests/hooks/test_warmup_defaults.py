@@ -102,3 +102,53 @@ def test_the_ddp_hook_counts_dgc_steps_too() -> None:
         optimizer=torch.optim.SGD(_model().parameters(), lr=0.1),
     )
     assert isinstance(state.compression, DGC) and state.compression.density() == 0.25
+
+
+def test_dgc_dense_steps_keep_its_momentum() -> None:
+    # DGC runs with an optimizer without momentum and applies it in its memory: dense steps
+    # (dense_steps=N) still go through it, so they are momentum SGD, not plain SGD
+    torch.manual_seed(0)
+    ref = _model()
+    plain = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    model, opt = _wrap("dgc", momentum=0.0, dense_steps=4, min_compress_numel=0)
+    x, y = torch.randn(16, 64), torch.randint(0, 4, (16,))
+    for _ in range(4):
+        for m, o in ((ref, plain), (model, opt)):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+    for a, b in zip(ref.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_ddp_hooks_dgc_dense_steps_keep_its_momentum() -> None:
+    # the same bucket three times: momentum SGD's buffer, g (1 + m + ...), comes back
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    state = DDPHookState("dgc:momentum=0.5", backend=LocalBackend(), dense_steps=3,
+                         optimizer=opt)
+    p = torch.zeros(40, requires_grad=True)
+    p.grad = torch.randn(40, generator=torch.Generator().manual_seed(1))
+    got = []
+    for _ in range(3):
+        bucket = _Bucket(p)
+        got.append(state.launch(bucket).wait().clone())  # type: ignore[arg-type]
+    for k, out in enumerate(got):
+        torch.testing.assert_close(out, p.grad * sum(0.5**j for j in range(k + 1)))
+    assert not bool(state.memory.memory.velocities[0].any())  # everything was sent
+
+
+class _Bucket:
+    def __init__(self, p: torch.Tensor) -> None:
+        self.p, self._buffer = p, p.grad.clone()  # type: ignore[union-attr]
+
+    def buffer(self) -> torch.Tensor:
+        return self._buffer
+
+    def index(self) -> int:
+        return 0
+
+    def is_last(self) -> bool:
+        return True
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.p]

@@ -2,13 +2,13 @@
 
 Reference: :mod:`gradzip.compress.dgc` (Lin et al. 2018, https://arxiv.org/abs/1712.01887).
 One DGC step of the reference is ``DGCMemory.compensate`` (clip, ``u = m*u + g``, ``v = v + u``),
-``DGC.compress`` (sampled top-k of ``v``) and ``DGCMemory.update`` (momentum factor masking:
-``u`` and ``v`` zeroed where an entry was sent). Here :func:`step` does the same with:
+``DGC.compress`` (sampled top-k of ``v``) and ``DGCMemory.update`` (``v`` zeroed where an entry
+was sent, and ``u`` too under momentum factor masking). Here :func:`step` does the same with:
 
 1. ``_momentum_kernel``: ``u`` and ``v`` updated in place in one pass (``u = fma(m, u, s*g)``,
    one rounding, as torch's ``add(g, u, alpha=m)``; ``s`` is the clipping factor);
 2. the threshold and compaction kernels of :mod:`gradzip.compress.kernels.topk`, whose
-   compaction also zeroes ``u`` and ``v`` at the sent positions (the masking) when no trimming
+   compaction also zeroes ``v`` (and ``u`` when masking) at the sent positions when no trimming
    to ``k`` is needed; otherwise a ``k``-sized ``index_fill_`` does it.
 
 ``u``, ``v`` and the payload equal the reference's bit for bit for the same seed (the same
@@ -106,7 +106,8 @@ def step(
     uf, vf = u.view(-1), v.view(-1)
     momentum_(flat, uf, vf, memory.momentum, _clip_scale(comp, flat))
     k = comp.count(vf.numel())
-    idx, vals = select_like_reference(vf, k, comp.selection, comp.sample_ratio, seed, mask=(uf, vf))
+    zero = (uf if memory.masking else vf, vf)  # vf twice: the sent entries of v only
+    idx, vals = select_like_reference(vf, k, comp.selection, comp.sample_ratio, seed, mask=zero)
     memory.momenta[key], memory.velocities[key] = u, v
     return Payload((idx, vals)), SparseCtx(grad.shape, torch.float32, vf.numel())
 

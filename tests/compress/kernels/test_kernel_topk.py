@@ -74,9 +74,12 @@ def test_topk_exact_with_ties_keeps_the_k_largest() -> None:
     assert torch.equal(vals, x[idx.long()].float())
 
 
+@pytest.mark.parametrize("masking", [False, True])
 @pytest.mark.parametrize(("n", "clip_norm"), [(1023, None), (1023, 2.0), (2**20 + 7, 50.0)])
-def test_dgc_step_equals_reference(load: Load, n: int, clip_norm: float | None) -> None:
-    comp = DGC(ratio=0.01, clip_norm=clip_norm, epoch=None if n > 2**16 else 1.0)
+def test_dgc_step_equals_reference(
+    load: Load, n: int, clip_norm: float | None, masking: bool
+) -> None:
+    comp = DGC(ratio=0.01, clip_norm=clip_norm, epoch=None if n > 2**16 else 1.0, masking=masking)
     ref_mem, ker_mem = comp.make_memory(), comp.make_memory()
     gen = torch.Generator().manual_seed(n)
     for step in range(1 if n > 2**16 else 4):
