@@ -70,6 +70,10 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"steps": 300, "batch_size": 16, "lr": 0.05, "warmup_steps": 30},
         {"steps": 1500, "batch_size": 32, "lr": 0.05, "warmup_steps": 150},
     ),
+    "mlp-large": (
+        {"steps": 300, "batch_size": 16, "lr": 0.05, "warmup_steps": 30},
+        {"steps": 1500, "batch_size": 32, "lr": 0.05, "warmup_steps": 150},
+    ),
     "shakespeare": (
         {"steps": 600, "batch_size": 8, "lr": 0.5, "warmup_steps": 60},
         {"steps": 3000, "batch_size": 16, "lr": 0.5, "warmup_steps": 300},

@@ -94,6 +94,7 @@ TARGETS: dict[str, dict[str, tuple[Target, ...]]] = {
         "sfb": (Target("equal", 0.1),),
         "dgc:ratio=0.001": (_WITHIN, Target("ratio", 300)),
     },
+    "mlp-large": {"dgc:ratio=0.001": (_WITHIN, Target("ratio", 300))},
     "shakespeare": {"dgc:ratio=0.001": (Target("within", 0.05),)},
 }
 
