@@ -280,10 +280,14 @@ class OneBit(Compressor):
     error_feedback: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.bucket_size, int) or self.bucket_size < 8 or self.bucket_size % 8:
+        if (
+            not isinstance(self.bucket_size, int)
+            or not 8 <= self.bucket_size <= 2**62
+            or self.bucket_size % 8
+        ):
             raise ValueError(
                 f"onebit bucket_size={self.bucket_size!r}: expected a positive multiple of 8 "
-                "(so that every bucket starts on a byte of the sign-bit stream)"
+                "(so that every bucket starts on a byte of the sign-bit stream), at most 2**62"
             )
         if not isinstance(self.min_rows, int) or self.min_rows < 1:
             raise ValueError(f"onebit min_rows={self.min_rows!r}: expected an integer >= 1")

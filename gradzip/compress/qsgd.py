@@ -151,10 +151,12 @@ class QSGD(Compressor):
                 f"qsgd levels={self.levels!r}: expected an integer in 1..127 (sign + level must "
                 "fit in 8 bits)"
             )
-        if isinstance(self.bucket_size, bool) or not isinstance(self.bucket_size, int) or (
-            self.bucket_size < 1
+        if isinstance(self.bucket_size, bool) or not isinstance(self.bucket_size, int) or not (
+            1 <= self.bucket_size <= 2**62
         ):
-            raise ValueError(f"qsgd bucket_size={self.bucket_size!r}: expected an integer >= 1")
+            raise ValueError(
+                f"qsgd bucket_size={self.bucket_size!r}: expected an integer in 1..2**62"
+            )
         if self.norm not in ("l2", "max"):
             raise ValueError(f"qsgd norm={self.norm!r}: expected 'l2' or 'max'")
         if not isinstance(self.elias, bool):
