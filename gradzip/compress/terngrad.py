@@ -147,7 +147,7 @@ class TernGrad(Compressor):
         if not self.clip or g.numel() == 0:
             return g
         sigma = torch.linalg.vector_norm(g) / math.sqrt(g.numel())
-        bound = self.clip * sigma
+        bound = float(self.clip) * sigma
         return torch.clamp(g, min=-bound, max=bound)
 
     def gather_shares_stat(self) -> bool:
@@ -193,7 +193,7 @@ class TernGrad(Compressor):
         bound = math.inf
         if self.clip:
             sigma = torch.tensor(nb.norm32(sumsq)) / math.sqrt(n)
-            bound = float(self.clip * sigma)
+            bound = float(float(self.clip) * sigma)
         return g, torch.tensor(min(top, bound), dtype=torch.float32), bound
 
     @staticmethod

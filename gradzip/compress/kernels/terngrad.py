@@ -162,7 +162,7 @@ def _stats(comp: TernGrad, flat: torch.Tensor) -> torch.Tensor:
     if not comp.clip:
         return torch.stack([top.new_tensor(math.inf), top])
     norm = part[0].sum(dtype=torch.float64).sqrt_().to(torch.float32)
-    bound = comp.clip * (norm / math.sqrt(n))  # the reference's fp32 operations, in its order
+    bound = float(comp.clip) * (norm / math.sqrt(n))  # the reference's fp32 ops, in order
     return torch.stack([bound, torch.minimum(top, bound)])
 
 
