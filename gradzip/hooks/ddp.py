@@ -511,9 +511,9 @@ def ddp_comm_hook(
     that ranks agree on every bucket before it moves (one tiny allreduce per bucket);
     ``dense_steps``: the first that many iterations allreduce the plain buckets (no error
     feedback), then compression starts, like torch's PowerSGD hook's ``start_powerSGD_iter``
-    (default None: what the compressor asks for, 150 steps for 1-bit, top-k and TernGrad, 0 for the
-    others; DGC's sparsity warm-up spans its ``warmup_steps`` unless ``state.set_epoch`` is
-    called);
+    (default None: what the compressor asks for, 150 steps for 1-bit and top-k, 300 for TernGrad,
+    0 for the others; DGC's sparsity warm-up spans its ``warmup_steps`` unless
+    ``state.set_epoch`` is called);
     ``nonfinite``: ``"propagate"`` (a NaN/Inf on any rank makes the bucket NaN everywhere, as
     DDP; GradScaler then skips the step) or ``"raise"``; ``optimizer``: the optimizer the
     model trains with, required for DGC (checked to have no momentum of its own);

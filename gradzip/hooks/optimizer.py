@@ -293,9 +293,9 @@ def DistributedOptimizer(
     that many steps send every gradient uncompressed (a dense allreduce, no error feedback);
     compression and error feedback start after them, like torch's PowerSGD hook's
     ``start_powerSGD_iter``. The default (None) takes what the compressors ask for
-    (``Compressor.default_dense_steps``): 150 for 1-bit, top-k (which hold back most of the
-    gradient) and TernGrad (the noisiest), which are at their least stable in the first
-    steps, 0 for the others (DGC has its own sparsity warm-up).
+    (``Compressor.default_dense_steps``): 150 for 1-bit and top-k (which hold back most of the
+    gradient) and 300 for TernGrad (the noisiest), which are at their least stable in the
+    first steps, 0 for the others (DGC has its own sparsity warm-up).
     ``momentum_correction``: for ``torch.optim.SGD`` with momentum and an error-feedback
     compressor (1-bit, top-k), the default (None) applies SGD's weight decay and momentum on
     each rank *before* compression and steps the wrapped SGD without them (the momentum

@@ -61,7 +61,8 @@ class Rule:
 def check_dense_steps(dense_steps: object, compressors: Sequence[Compressor] = ()) -> int:
     """``dense_steps`` of the optimizer and the DDP hook: the first steps sent with DENSE.
     ``None`` (the default) takes the most any of ``compressors`` asks for
-    (``Compressor.default_dense_steps``: 150 for 1-bit, top-k and TernGrad, 0 for the others)."""
+    (``Compressor.default_dense_steps``: 150 for 1-bit and top-k, 300 for TernGrad, 0 for the
+    others)."""
     if dense_steps is None:
         return max((c.default_dense_steps for c in compressors), default=0)
     if isinstance(dense_steps, bool) or not isinstance(dense_steps, int) or dense_steps < 0:

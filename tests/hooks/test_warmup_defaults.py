@@ -35,10 +35,11 @@ def _wrap(compression: Any, momentum: float = 0.9, **kw: Any) -> Any:
         ("none", 0),
         ("fp16", 0),
         ("qsgd", 0),
-        ("terngrad", 150),
+        ("terngrad", 300),
         ("onebit", 150),
         ("topk:ratio=0.1", 150),
         ({"0.weight": "onebit", "2.weight": "qsgd"}, 150),  # the most any of them asks for
+        ({"0.weight": "terngrad", "2.weight": "onebit"}, 300),  # 2.weight: small, dense
     ],
 )
 def test_dense_steps_default_comes_from_the_compressors(compression: Any, steps: int) -> None:
@@ -47,8 +48,8 @@ def test_dense_steps_default_comes_from_the_compressors(compression: Any, steps:
     _, explicit = _wrap(compression, dense_steps=7)
     assert explicit._gz.dense_steps == 7
     assert DDPHookState(
-        compression if isinstance(compression, str) else "onebit", backend=LocalBackend()
-    ).dense_steps == (steps if isinstance(compression, str) else 150)
+        compression if isinstance(compression, str) else "terngrad", backend=LocalBackend()
+    ).dense_steps == (steps if isinstance(compression, str) else 300)
 
 
 def test_dense_steps_errors_name_the_value() -> None:
