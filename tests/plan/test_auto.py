@@ -70,20 +70,24 @@ def test_many_ranks_cost_the_gather_each_method_gets() -> None:
     assert two.specs["fc1.weight"] == "none"  # QSGD's allgather at 64 ranks loses to dense
 
 
-def _auto_run(backend: Backend, cache: str) -> dict[str, Any]:
+def _disagreeing_ranks(backend: Backend, cache: str) -> torch.nn.Module:
+    """Measurements that differ by rank, and a fresh MLP: rank 1 finds onebit ruinously slow,
+    rank 0 free; the link is taken as 100 Mbit/s (loopback's own rate depends on the machine's
+    load; the real measurement is still made, so the collective runs)."""
     os.environ["GRADZIP_CACHE"] = cache
-    # the ranks measure differently: rank 1 finds onebit ruinously slow, rank 0 free
     slow = Rates(10.0, 1e-3, 10.0, 1e-3)
     auto.cached_rates = lambda spec, device="cpu": (  # type: ignore[assignment]
         slow if backend.rank == 1 and spec.startswith("onebit") else Rates()
     )
-    # a 100 Mbit/s link (loopback's own rate depends on the machine's load); the real
-    # measurement is still made, so the collective runs
     measured = auto.measure_link
     auto.measure_link = lambda b: (  # type: ignore[assignment]
         measured(b), Link.of(12.5e6, 1e-4))[1]
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(784, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
+    return torch.nn.Sequential(torch.nn.Linear(784, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
+
+
+def _auto_run(backend: Backend, cache: str) -> dict[str, Any]:
+    net = _disagreeing_ranks(backend, cache)
     opt = gradzip.DistributedOptimizer(
         torch.optim.SGD(net.parameters(), lr=0.05), net.named_parameters(),
         compression="auto:allow=onebit", backend=backend, dense_steps=0,
@@ -151,16 +155,7 @@ def test_uniform_takes_one_compressor_for_every_bucket() -> None:
 def _ddp_auto_run(backend: Backend, cache: str) -> dict[str, Any]:
     from torch.nn.parallel import DistributedDataParallel
 
-    os.environ["GRADZIP_CACHE"] = cache
-    slow = Rates(10.0, 1e-3, 10.0, 1e-3)  # rank 1 finds 1-bit ruinously slow, rank 0 free
-    auto.cached_rates = lambda spec, device="cpu": (  # type: ignore[assignment]
-        slow if backend.rank == 1 and spec.startswith("onebit") else Rates()
-    )
-    measured = auto.measure_link
-    auto.measure_link = lambda b: (  # type: ignore[assignment]
-        measured(b), Link.of(12.5e6, 1e-4))[1]
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(784, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
+    net = _disagreeing_ranks(backend, cache)
     ddp = DistributedDataParallel(net, bucket_cap_mb=1)
     state, hook = gradzip.ddp_comm_hook("auto:allow=onebit", dense_steps=0)
     ddp.register_comm_hook(state, hook)
