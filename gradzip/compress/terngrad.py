@@ -196,7 +196,7 @@ class TernGrad(Compressor):
         bound = math.inf
         if self.clip:
             sigma = torch.tensor(nb.norm32(sumsq)) / math.sqrt(n)
-            bound = float(float(self.clip) * sigma)
+            bound = float(float(self.clip) * sigma)  # the fp32 product, as the torch path
         return g, torch.tensor(min(top, bound), dtype=torch.float32), bound
 
     @staticmethod

@@ -124,14 +124,12 @@ class DDPHookState:
         self.auto: str | None = None  # an "auto" spec: the cost model chooses after step 0
         self.auto_decision: Decision | None = None  # what it chose, and why
         self.auto_dense_steps = dense_steps  # the user's, applied once auto has chosen
-        allowed = [compression]
         if is_auto(compression):
             assert isinstance(compression, str)
             self.auto = compression
-            allowed = list(parse_auto(compression))  # raises, naming a bad spec
+            for spec in parse_auto(compression)[1:]:  # none first; raises, naming a bad spec
+                self._check_compressor(compressor(spec), optimizer)
             compression = "none"  # step 0, which auto sees the buckets in, goes dense
-        for spec in allowed[1:]:
-            self._check_compressor(compressor(spec), optimizer)
         comp = compressor(compression)
         self._check_compressor(comp, optimizer)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -264,10 +262,9 @@ class DDPHookState:
             passthrough = dense or passes_nonfinite(comp)
             bad = not is_finite(buffer)
             grad = torch.zeros_like(buffer) if bad and not passthrough else buffer
+            # DGC's dense steps still apply its momentum (the whole bucket is sent)
             momentum = dense and self.compression.carries_momentum and not bad
-            if momentum:  # DGC's warm-up steps: its momentum applied, the whole bucket sent
-                compensated = self.memory.memory.compensate(index, grad)
-            elif passthrough:  # warm-up or a dense cast: the plain bucket, no error feedback
+            if passthrough and not momentum:  # warm-up or a dense cast: no error feedback
                 compensated = NoMemory(check=False).compensate(index, grad)
             else:
                 compensated = self.memory.memory.compensate(index, grad)
@@ -379,10 +376,8 @@ class DDPHookState:
         compress with it from the next step on."""
         assert self.auto is not None
         decision = resolve_buckets(self.auto, self._layout, self.backend, device)
-        spec = next(iter(decision.specs.values()), "none")
-        comp = compressor(spec)
-        at_step = getattr(comp, "at_step", None)
-        self.compression = comp if at_step is None else at_step(self.step + 1)
+        comp = compressor(next(iter(decision.specs.values()), "none"))
+        self.compression = comp  # _complete applies a warm-up's at_step once the step counts
         self.sparse = decision.sparse
         self.dense_steps = check_dense_steps(self.auto_dense_steps, [comp])
         self.memory = BucketMemory(comp.make_memory())  # nothing was fed back yet

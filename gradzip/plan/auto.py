@@ -160,11 +160,10 @@ def decide(
     n = len(dense_buckets)
     for s in SPARSE:
         if uniform:
-            summed = {(0, spec, s): sum(costs[(b, spec, s)] for b in range(n))
-                      for spec in candidates}
-            picks = [_cheapest(candidates, summed, 0, s)] * n
+            summed = {c: sum(costs[(b, c, s)] for b in range(n)) for c in candidates}
+            picks = [_cheapest(summed)] * n
         else:
-            picks = [_cheapest(candidates, costs, b, s) for b in range(n)]
+            picks = [_cheapest({c: costs[(b, c, s)] for c in candidates}) for b in range(n)]
         total = sum(costs[(b, spec, s)] for b, spec in enumerate(picks))
         if best is None or total < best[0]:
             best = (total, s, picks)
@@ -189,14 +188,12 @@ def decide(
     return Decision(specs, None, s, total, dense, "\n".join(lines))
 
 
-def _cheapest(
-    candidates: Sequence[str], costs: dict[tuple[int, str, str], float], b: int, s: str
-) -> str:
-    """The candidate of least cost for bucket ``b`` (the first among equals); a compressor
-    only where it is predicted at least :data:`MARGIN` faster than dense."""
-    top = min(candidates, key=lambda spec: costs[(b, spec, s)])
-    dense = costs.get((b, "none", s))
-    if top != "none" and dense is not None and costs[(b, top, s)] > (1 - MARGIN) * dense:
+def _cheapest(cost: dict[str, float]) -> str:
+    """The candidate of least ``cost`` (the first among equals, in candidate order); a
+    compressor only where it is predicted at least :data:`MARGIN` faster than ``none``."""
+    top = min(cost, key=cost.__getitem__)
+    dense = cost.get("none")
+    if top != "none" and dense is not None and cost[top] > (1 - MARGIN) * dense:
         return "none"
     return top
 
