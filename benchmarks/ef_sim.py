@@ -26,6 +26,43 @@ import torch
 import gradzip
 from benchmarks.accuracy_tasks import load_task
 from benchmarks.training import batches
+from gradzip.compress.memory import ResidualMemory
+
+
+def _scatter_gather(
+    c: Any, server: Any, mems: list[list[Any]], server_mem: ResidualMemory, name: str,
+    grads: list[list[torch.Tensor]], i: int,
+) -> tuple[torch.Tensor, int]:
+    """The scatter-gather strategy's arithmetic for parameter ``i``: each rank splits its
+    compensated gradient into P chunks and compresses each (its residual: what the chunks
+    lost); chunk j's sum over ranks gets server j's residual, is compressed by ``server`` and
+    decompressed by all. Returns the averaged gradient and rank 0's bytes (both phases'
+    payloads, as the backend counters count what is handed to the collectives)."""
+    p = len(grads)
+    shape = grads[0][i].shape
+    sums: list[torch.Tensor] = []
+    nbytes = 0
+    for r in range(p):
+        m = mems[r][i]
+        compensated = m.compensate(name, grads[r][i]).reshape(-1)
+        outs = []
+        for j, chunk in enumerate(torch.tensor_split(compensated, p)):
+            payload, ctx = c.compress(chunk.contiguous(), seed=r * 1000 + j)
+            outs.append(c.decompress(payload, ctx).reshape(-1))
+            nbytes += payload.nbytes if r == 0 else 0
+        got = torch.cat(outs)
+        m.update(name, compensated.view(shape), got.view(shape))
+        sums = [got] if not sums else [sums[0] + got]
+    parts = []
+    for j, chunk in enumerate(torch.tensor_split(sums[0], p)):
+        key = f"{name}/{j}"
+        comp = server_mem.compensate(key, chunk.contiguous())
+        payload, ctx = server.compress(comp, seed=j)
+        out = server.decompress(payload, ctx).reshape(-1)
+        server_mem.update(key, comp, out)
+        parts.append(out)
+        nbytes += payload.nbytes if j == 0 else 0
+    return (torch.cat(parts) / p).view(shape), nbytes
 
 
 def main() -> None:
@@ -42,6 +79,7 @@ def main() -> None:
     p.add_argument("--minnumel", type=int, default=0)
     p.add_argument("--localmom", type=int, default=0)
     p.add_argument("--dgcwarm", type=int, default=0)
+    p.add_argument("--sg", default="", help="scatter-gather; the server's compressor spec")
     a = p.parse_args()
     torch.set_num_threads(1)
     task = load_task(a.task)
@@ -54,6 +92,8 @@ def main() -> None:
     own_momentum = dgc or bool(a.localmom)
     opt = torch.optim.SGD(params, lr=a.lr, momentum=0.0 if own_momentum else a.mom)
     mems = [[comp.make_memory() for _ in params] for _ in range(a.P)]
+    server: Any = gradzip.compressor(a.sg) if a.sg else None
+    server_mem = ResidualMemory()
     velocity: list[list[torch.Tensor | None]] = [[None] * len(params) for _ in range(a.P)]
     stream = batches(task.examples, a.bs * a.P, torch.Generator().manual_seed(a.seed))
     sent = dense_bytes = 0
@@ -80,6 +120,10 @@ def main() -> None:
             if step < a.dense or q.numel() < a.minnumel or a.method == "none":
                 q.grad = sum(g[i] for g in grads) / a.P
                 sent += q.numel() * 4
+                continue
+            if server is not None:
+                q.grad, nbytes = _scatter_gather(c, server, mems, server_mem, names[i], grads, i)
+                sent += nbytes
                 continue
             acc = torch.zeros_like(q)
             for r in range(a.P):
