@@ -14,11 +14,17 @@ Both send ``m`` at two ranks; from three on the scatter-gather sends less (2/3 o
 allgather's bytes at P=3, 1/2 at 4, 1/4 at 8). Each chunk carries its own pack header and
 scales, a few bytes per chunk, which the model leaves out (measured for a 1-bit bucket of
 2**20 elements: 28 bytes more than the allgather at P=2, 0.2% of ``m`` at P=8). The default
-(:func:`default_gather`) takes the scatter-gather where it sends fewer bytes and the
-compressor's error feedback makes up for its second quantization.
+(:func:`default_gather`) keeps the allgather, whose accuracy the scatter-gather's second
+quantization does not reach, until the allgather's bytes pass half the dense allreduce's
+(``P >= r``, the compressor's ratio), and takes the scatter-gather from there for compressors
+with error feedback.
 """
 
 from __future__ import annotations
+
+import functools
+
+import torch
 
 from gradzip.allreduce.backend import wire_bytes
 from gradzip.allreduce.dense import AllreduceStrategy
@@ -47,25 +53,45 @@ def gather_bytes(strategy: str, payload_bytes: int, world_size: int) -> int:
     raise ValueError(f"strategy={strategy!r}; expected one of {GATHERS}")
 
 
-def default_gather(compressor: Compressor, world_size: int | None) -> str:
-    """The GATHER strategy ``strategy_for`` takes when none is asked for: "scatter_gather"
-    where it moves fewer bytes (from three ranks on: ``2(P-1)/P·m < (P-1)·m`` exactly when
-    ``P > 2``, by :func:`gather_bytes`, whatever the bucket's size) and the compressor keeps
-    error feedback; "allgather" otherwise, and when the world size is not known (None).
+#: elements of the flat fp32 tensor whose payload measures a compressor's ratio for
+#: :func:`default_gather` (large enough that per-group scales cost what they cost in a layer)
+_PROBE_NUMEL = 1 << 20
 
-    Scatter-gather quantizes twice: each rank's chunk, then the reduced chunk. With error
-    feedback (1-bit SGD) the server's residual carries the second quantization's error into
-    the next step, as the worker's carries the first; without (QSGD, TernGrad: unbiased, no
-    residuals) it is added anew every step, and does not shrink as ranks are added. Summed
-    over 8 steps of a simulated 4-rank run (``tests/allreduce/test_select.py``), the reduced
-    gradients lose 3 dB of SNR against the allgather's for 1-bit, 7 dB for QSGD and 6 dB for
-    TernGrad; those two keep the allgather unless ``gather="scatter_gather"`` asks for it.
+
+@functools.cache
+def _ratio(compressor: Compressor) -> float:
+    """Dense bytes over payload bytes of ``compressor`` on a probe tensor of 2**20 zeros."""
+    payload, _ = compressor.compress(torch.zeros(_PROBE_NUMEL), seed=0)
+    return 4 * _PROBE_NUMEL / max(1, payload.nbytes)
+
+
+def default_gather(compressor: Compressor, world_size: int | None) -> str:
+    """The GATHER strategy ``strategy_for`` takes when none is asked for: the allgather,
+    until the world size reaches the compressor's ratio ``r`` (32 ranks for 1-bit, r = 31.5);
+    from there on "scatter_gather" for compressors with error feedback.
+
+    Scatter-gather sends fewer bytes from three ranks on (``2(P-1)/P·m`` against the
+    allgather's ``(P-1)·m``, :func:`gather_bytes`), but it quantizes twice: each rank's
+    chunk, then the chunk's sum over ranks. Each rank then receives one 1-bit code per element
+    where the allgather gives it P, and the server's residual has to carry the rest into
+    later steps. Measured on the Fashion-MNIST CNN (1-bit with its defaults, 3 seeds;
+    ``benchmarks/results/onebit_gather_default.md``), that costs about 1 pp of test accuracy
+    at 4 and at 8 ranks (the allgather: 0.3-0.4 pp under dense), and the defaults keep dense
+    accuracy first. The allgather's bytes grow with P, though: they
+    pass half of the dense ring allreduce's ``2(P-1)/P·n·4`` bytes exactly when
+    ``P >= r`` (``(P-1)·n·4/r >= (P-1)/P·n·4``). From there compression by allgather saves
+    less than 2x on the wire and scatter-gather's ``r``-fold saving is worth its accuracy.
+
+    Without error feedback (QSGD, TernGrad: unbiased, no residuals) the second quantization's
+    error is added anew every step: summed over 8 steps of a simulated 4-rank run
+    (``tests/allreduce/test_select.py``) the reduced gradients lose 3 dB of SNR against the
+    allgather's for 1-bit, 7 dB for QSGD and 6 dB for TernGrad; those two keep the allgather
+    at every size unless ``gather="scatter_gather"`` asks for it. "allgather" also when the
+    world size is not known (None).
     """
-    if world_size is None or world_size < 2 or not compressor.error_feedback:
+    if world_size is None or world_size < 3 or not compressor.error_feedback:
         return "allgather"
-    m = world_size * 1024  # any size gives the same answer; this one cuts into whole chunks
-    fewer = gather_bytes("scatter_gather", m, world_size) < gather_bytes("allgather", m, world_size)
-    return "scatter_gather" if fewer else "allgather"
+    return "scatter_gather" if world_size >= _ratio(compressor) else "allgather"
 
 
 def strategy_for(
@@ -79,11 +105,11 @@ def strategy_for(
 ) -> Strategy:
     """The strategy for ``compressor.reduction``.
 
-    ``gather`` picks ``"allgather"``, ``"scatter_gather"`` or ``"ternary_sum"`` (TernGrad
-    only) for GATHER payloads; None (the default) takes :func:`default_gather` for
-    ``world_size`` ranks: the one that moves fewer bytes (scatter-gather from three ranks on)
-    for compressors with error feedback, else, and when ``world_size`` is not given, the
-    allgather. ``sparse`` picks ``"allgather"`` or ``"recursive"`` for SPARSE payloads."""
+    ``gather`` picks ``"allgather"``, ``"scatter_gather"`` or ``"ternary_sum"`` (TernGrad only) for
+    GATHER payloads; None (the default) takes :func:`default_gather` for ``world_size`` ranks: the
+    allgather, and for compressors with error feedback the scatter-gather from ``r`` ranks on (the
+    compressor's ratio: 32 for 1-bit). ``sparse`` picks ``"allgather"`` or ``"recursive"`` for
+    SPARSE payloads."""
     if gather is None and compressor.reduction is Reduction.GATHER:
         gather = default_gather(compressor, world_size)
     kind = compressor.reduction

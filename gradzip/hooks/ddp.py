@@ -20,7 +20,7 @@ bucket ``i`` may hold other parameters afterwards. The memory is a
 :class:`~gradzip.hooks.bucket_memory.BucketMemory`: it notices the new layout and carries
 residuals (and DGC momenta/velocities) per parameter into the new buckets, exactly. The
 server-side residuals of scatter-gather (``gather="scatter_gather"``, and 1-bit's default from
-three ranks on) live on chunks of a bucket and are reset instead (counted in
+32 ranks on) live on chunks of a bucket and are reset instead (counted in
 ``stats["resets"]``).
 
 **Non-finite gradients** follow DDP: a bucket holding a NaN/Inf on some rank is NaN on every
@@ -501,9 +501,10 @@ def ddp_comm_hook(
     ``process_group``: the group to reduce over (None: a new group of all ranks, with gradzip's
     timeout; every rank must call this); ``gather``/``sparse``: the strategy for GATHER and
     SPARSE payloads (:func:`~gradzip.allreduce.select.strategy_for`; ``gather=None``, the
-    default: the one that moves fewer bytes at the group's size where error feedback allows,
-    scatter-gather for 1-bit from three ranks on, else the allgather); ``verify``: check
-    that ranks agree on every bucket before it moves (one tiny allreduce per bucket);
+    default: the allgather, and scatter-gather for error-feedback methods from as many ranks
+    as their ratio, 32 for 1-bit; :func:`~gradzip.allreduce.select.default_gather`);
+    ``verify``: check that ranks agree on every bucket before it moves (one tiny allreduce
+    per bucket);
     ``dense_steps``: the first that many iterations allreduce the plain buckets (no error
     feedback), then compression starts, like torch's PowerSGD hook's ``start_powerSGD_iter``
     (default None: what the compressor asks for, 150 steps for 1-bit and top-k, 300 for TernGrad,

@@ -286,9 +286,9 @@ def DistributedOptimizer(
     else torch.distributed. ``backward_passes_per_step``: passes summed locally (as Horovod,
     not averaged) before one communication. ``seed``: stochastic compressors draw from
     (seed, step, name, rank). ``gather``/``sparse``: the strategies of
-    :func:`gradzip.allreduce.select.strategy_for`; the default ``gather=None`` takes the one
-    that moves fewer bytes at the backend's world size where error feedback allows
-    (scatter-gather for 1-bit from three ranks on; else the allgather). Parameters with
+    :func:`gradzip.allreduce.select.strategy_for`; the default ``gather=None`` takes the
+    allgather, and scatter-gather for error-feedback methods from as many ranks as their
+    ratio (32 for 1-bit; :func:`gradzip.allreduce.select.default_gather` says why). Parameters with
     ``requires_grad=False`` when wrapping are never communicated. ``dense_steps``: the first
     that many steps send every gradient uncompressed (a dense allreduce, no error feedback);
     compression and error feedback start after them, like torch's PowerSGD hook's

@@ -16,9 +16,9 @@ per-machine cache (:func:`~gradzip.plan.calibrate.cached_rates`, measured on fir
 gradients are laid out in dense buckets as the optimizer would send them; for each sparse
 strategy (allgather or recursive doubling) each bucket takes its cheapest candidate, and the
 sparse strategy with the cheapest step wins; the GATHER methods take the library's strategy
-(:func:`~gradzip.allreduce.select.default_gather`: the two-phase scatter-gather for
-error-feedback methods from three ranks on), costed as such. Rank 0's decision is
-broadcast, so ranks whose measurements differ still agree. The decision is logged
+(:func:`~gradzip.allreduce.select.default_gather`: the allgather, and the two-phase scatter-gather
+for error-feedback methods from as many ranks as their ratio on), costed as such. Rank 0's decision
+is broadcast, so ranks whose measurements differ still agree. The decision is logged
 (logger ``gradzip.auto``, INFO) and kept as :attr:`Decision.report`.
 
 The DDP hook (``ddp_comm_hook("auto")``) sees no model, only DDP's flat buckets, and its state
@@ -177,7 +177,7 @@ def decide(
         f"{(1 / link.beta if link.beta else float('inf')) * 8 / 1e6:.0f} Mbit/s; predicted "
         f"communication + compression {total * 1e3:.2f} ms per step against "
         f"{dense * 1e3:.2f} ms dense; sparse={s}, gather by the library's rule (scatter-"
-        "gather for error-feedback methods from 3 ranks on)"
+        "gather for error-feedback methods from as many ranks as their ratio on)"
         + ("; one compressor for every bucket" if uniform else ""),
     ]
     for b, (members, spec) in enumerate(zip(dense_buckets, picks, strict=True)):

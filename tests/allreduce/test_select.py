@@ -19,7 +19,7 @@ from dist_utils import run_ranks
 from helpers import Sign, reference_mean, simulate_scatter_gather
 
 import gradzip
-from gradzip.allreduce.backend import Backend, LocalBackend
+from gradzip.allreduce.backend import Backend, LocalBackend, wire_bytes
 from gradzip.allreduce.entry import Entry
 from gradzip.allreduce.fusion import Reducer
 from gradzip.allreduce.gather import AllgatherStrategy
@@ -49,16 +49,30 @@ def test_gather_bytes_model() -> None:
         gather_bytes("ring", m, 4)
 
 
-WORLDS = (None, 1, 2, 3, 4, 8)
+WORLDS = (None, 1, 2, 3, 4, 8, 16, 31, 32, 64, 1024)
 
 
 @pytest.mark.parametrize("c", [gradzip.compressor("onebit"), Sign()], ids=["onebit", "sign"])
 def test_default_by_world_size_with_error_feedback(c: Any) -> None:
-    assert [default_gather(c, p) for p in WORLDS] == ["allgather"] * 3 + ["scatter_gather"] * 3
-    assert isinstance(strategy_for(c, world_size=2), AllgatherStrategy)
-    assert isinstance(strategy_for(c, world_size=3), ScatterGatherStrategy)
-    assert isinstance(strategy_for(c, world_size=4), ScatterGatherStrategy)
+    # both send 1 bit per element and a few scales (ratio 31.75 and 31.9999): the allgather
+    # until it sends half the dense allreduce's bytes, P >= ratio, i.e. from 32 ranks on
+    assert [default_gather(c, p) for p in WORLDS] == ["allgather"] * 8 + ["scatter_gather"] * 3
+    assert isinstance(strategy_for(c, world_size=4), AllgatherStrategy)
+    assert isinstance(strategy_for(c, world_size=32), ScatterGatherStrategy)
     assert isinstance(strategy_for(c), AllgatherStrategy)  # world size unknown
+
+
+def test_default_switches_where_the_allgather_sends_half_the_dense_bytes() -> None:
+    # at the switch, the allgather of r-fold smaller payloads moves half the bytes of the
+    # dense ring allreduce, and above it more; below it less
+    n = 1 << 20
+    for spec in ("onebit", "onebit:bucket_size=64", "onebit:min_rows=1"):
+        c = gradzip.compressor(spec)
+        m = c.compress(torch.zeros(n), seed=0)[0].nbytes
+        for p in (3, 4, 8, 16, 24, 32, 40, 64, 128):
+            dense = wire_bytes("allreduce", 4 * n, p)
+            above_half = gather_bytes("allgather", m, p) >= dense / 2
+            assert (default_gather(c, p) == "scatter_gather") == above_half, (spec, p)
 
 
 @pytest.mark.parametrize(
@@ -144,9 +158,9 @@ def test_the_default_sends_the_fewer_measured_bytes(
     defaults: dict[int, dict[str, Any]], world: int, spec: str
 ) -> None:
     """The bytes CommStats counts on gloo ranks agree with the model to a few header bytes
-    per chunk, and the default (a Reducer without a strategy) is the strategy that sends
-    fewer of them (ties, at P=2, go to the allgather) where the compressor keeps error
-    feedback; the allgather where it does not."""
+    per chunk; scatter-gather sends fewer of them from three ranks on, and the default (a
+    Reducer without a strategy) still keeps the allgather at these world sizes, far below
+    the compressor's ratio (:func:`default_gather`)."""
     got = defaults[world][spec]
     ag, sg = got["measured"]["allgather"], got["measured"]["scatter_gather"]
     m = got["payload"]
@@ -156,8 +170,7 @@ def test_the_default_sends_the_fewer_measured_bytes(
     assert 0 <= sg - gather_bytes("scatter_gather", m, world) <= 64 * world
     fewer = "scatter_gather" if sg < ag else "allgather"
     assert fewer == ("allgather" if world == 2 else "scatter_gather")
-    c = gradzip.compressor(spec)
-    assert got["reducer"] == (fewer if c.error_feedback else "allgather")
+    assert got["reducer"] == default_gather(gradzip.compressor(spec), world) == "allgather"
     assert got["explicit"] == "allgather"
 
 
@@ -166,9 +179,8 @@ def test_optimizer_and_ddp_hook_default_by_world_size(
     defaults: dict[int, dict[str, Any]], world: int
 ) -> None:
     got = defaults[world]
-    expect = "allgather" if world == 2 else "scatter_gather"
-    assert got["optimizer"] == [expect]
-    assert got["ddp_backend"] == got["ddp_group"] == expect
+    assert got["optimizer"] == ["allgather"]
+    assert got["ddp_backend"] == got["ddp_group"] == "allgather"
     assert got["optimizer_allgather"] == ["allgather"]
     assert got["ddp_allgather"] == "allgather"
 
@@ -188,7 +200,7 @@ class _Sized(LocalBackend):
 def test_ddp_hook_pickle_keeps_the_strategy_it_chose() -> None:
     """A pickled hook state comes back with the strategy its world size chose (and its
     server residuals), even where no process group exists to ask."""
-    state = DDPHookState(Sign(), backend=_Sized(4))
+    state = DDPHookState(Sign(), backend=_Sized(32))
     assert isinstance(state.strategy, ScatterGatherStrategy)
     state.strategy.server = ResidualMemory()
     state.strategy.server.update("0/chunk1", torch.ones(3), torch.zeros(3))
@@ -196,7 +208,25 @@ def test_ddp_hook_pickle_keeps_the_strategy_it_chose() -> None:
     assert isinstance(back.strategy, ScatterGatherStrategy)
     residuals = back.strategy.state_dict()["server"]["residuals"]
     assert set(residuals) == {"0/chunk1"} and torch.equal(residuals["0/chunk1"], torch.ones(3))
-    assert DDPHookState(Sign(), backend=_Sized(2)).strategy.name == "allgather"
+    assert DDPHookState(Sign(), backend=_Sized(31)).strategy.name == "allgather"
+
+
+def test_optimizer_takes_scatter_gather_from_the_ratio_on() -> None:
+    """The optimizer asks its backend's world size: 1-bit's buckets go by scatter-gather from
+    32 ranks on (constructing sends nothing, so a backend that only reports a size will do)."""
+    model = torch.nn.Linear(256, 64)
+    names = {}
+    for size in (31, 32):
+        opt = gradzip.DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            model.named_parameters(),
+            compression="onebit",
+            backend=_Sized(size),
+            min_compress_numel=0,
+        )
+        streams = opt._gz.streams  # type: ignore[attr-defined]
+        names[size] = {st.strategy.name for st in streams if st.base.reduction is Reduction.GATHER}
+    assert names == {31: {"allgather"}, 32: {"scatter_gather"}}
 
 
 def _snr_db(truth: torch.Tensor, got: torch.Tensor) -> float:
