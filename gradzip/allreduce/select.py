@@ -58,11 +58,21 @@ def gather_bytes(strategy: str, payload_bytes: int, world_size: int) -> int:
 _PROBE_NUMEL = 1 << 20
 
 
-@functools.cache
 def _ratio(compressor: Compressor) -> float:
-    """Dense bytes over payload bytes of ``compressor`` on a probe tensor of 2**20 zeros."""
+    """Dense bytes over payload bytes of ``compressor`` on a probe tensor of 2**20 zeros
+    (measured once per compressor; again each time for one that cannot be hashed)."""
+    try:
+        return _cached_ratio(compressor)
+    except TypeError:  # an unhashable compressor (a user's, with a list field)
+        return _measure_ratio(compressor)
+
+
+def _measure_ratio(compressor: Compressor) -> float:
     payload, _ = compressor.compress(torch.zeros(_PROBE_NUMEL), seed=0)
     return 4 * _PROBE_NUMEL / max(1, payload.nbytes)
+
+
+_cached_ratio = functools.cache(_measure_ratio)
 
 
 def default_gather(compressor: Compressor, world_size: int | None) -> str:

@@ -10,6 +10,7 @@ explicit choice always wins, in ``strategy_for``, the ``Reducer``, the
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from typing import Any
 
@@ -267,3 +268,17 @@ def _reference_steps(c: Any, grads: list[list[torch.Tensor]]) -> list[torch.Tens
             payload, ctx = c.compress(x, seed=gradzip.derive_seed(0, step, "g", r))
             residual[r] = x - c.decompress(payload, ctx).float()
     return out
+
+
+def test_default_for_an_unhashable_compressor() -> None:
+    """A compressor that cannot be a cache key (a list field) still gets a default."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Unhashable(Sign):
+        note: list[int] = dataclasses.field(default_factory=list)
+
+    c = Unhashable()
+    with pytest.raises(TypeError):
+        hash(c)
+    assert default_gather(c, 4) == "allgather"
+    assert default_gather(c, 32) == "scatter_gather"
