@@ -40,7 +40,7 @@ def _scatter_gather(
     payloads, as the backend counters count what is handed to the collectives)."""
     p = len(grads)
     shape = grads[0][i].shape
-    sums: list[torch.Tensor] = []
+    total = torch.zeros(grads[0][i].numel())
     nbytes = 0
     for r in range(p):
         m = mems[r][i]
@@ -52,9 +52,9 @@ def _scatter_gather(
             nbytes += payload.nbytes if r == 0 else 0
         got = torch.cat(outs)
         m.update(name, compensated.view(shape), got.view(shape))
-        sums = [got] if not sums else [sums[0] + got]
+        total += got
     parts = []
-    for j, chunk in enumerate(torch.tensor_split(sums[0], p)):
+    for j, chunk in enumerate(torch.tensor_split(total, p)):
         key = f"{name}/{j}"
         comp = server_mem.compensate(key, chunk.contiguous())
         payload, ctx = server.compress(comp, seed=j)
