@@ -232,7 +232,9 @@ def render(result: dict[str, Any], args: argparse.Namespace, command: str) -> st
         f"{args.eval_every} steps.",
         "",
         f"Measured in this run: compute (a step without communication) "
-        f"**{1e3 * result['compute_s']:.1f} ms**, dense comm (one allreduce of all gradients) "
+        f"**{1e3 * result['compute_s']:.1f} ms** (the slowest rank's, median over steps: "
+        f"{1e3 * result.get('compute_max_s', float('nan')):.1f} ms), dense comm (one "
+        "allreduce of all gradients) "
         f"**{1e3 * result['comm_s']:.1f} ms**. Target accuracy = final accuracy of `none`: "
         f"**{100 * target:.2f}%**. Aliases: "
         + (", ".join(f"`{k}` = `{v}`" for k, v in spec.items()) or "none")

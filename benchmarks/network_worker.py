@@ -298,8 +298,13 @@ def _train_all(records: dict[str, _Record], cfg: WorkerConfig, data: Dataset, te
                 _say(rank, f"[{time.perf_counter() - began:6.0f} s] step {i + 1}/{cfg.steps} "
                            f"accuracy %: {accs}")  # fmt: skip
             dist.barrier()
+    # a synchronous step waits for its slowest rank: the median over steps of the slowest
+    # rank's compute (a compute step runs at the same point of every rank's round)
+    slowest = torch.tensor(compute.times, dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     return {
         "compute_s": statistics.median(compute.times[cfg.warmup :]),
+        "compute_max_s": statistics.median(slowest.tolist()[cfg.warmup :]),
         "comm_s": statistics.median(comm[cfg.warmup :]),
         "methods": {m: rec.summary(cfg.warmup) for m, rec in records.items()},
     }
@@ -352,7 +357,8 @@ def worker_main(rank: int, world: int, master: str, port: int, config: str, out:
         ]  # fmt: skip
         params = sum(p.numel() for p in _new_model(cfg, data).parameters())
         result = {"params": params, "dataset": data.name, "test": len(test.y),
-                  "compute_s": measured["compute_s"], "comm_s": measured["comm_s"],
+                  "compute_s": measured["compute_s"],
+                  "compute_max_s": measured["compute_max_s"], "comm_s": measured["comm_s"],
                   "link": measured["link"], "methods": rows}  # fmt: skip
         if rank == 0:
             with open(out, "w") as f:
