@@ -37,6 +37,7 @@ def main() -> None:
         "CNN (Fashion-MNIST)": SmallCNN((1, 28, 28), 10),
         "MLP 670k": MLP(784, hidden=(512, 512), num_classes=10),
         "MLP 1.9M": MLP(784, hidden=(1024, 1024), num_classes=10),
+        "MLP 5.8M (network benchmark)": MLP(784, hidden=(2048, 2048), num_classes=10),
         "LSTM": CharLSTM(65),
     }
     print("| model | " + " | ".join(f"{f} values" for f in args.floors) + " |")
