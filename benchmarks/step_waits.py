@@ -1,0 +1,112 @@
+"""Where a compressed step's time goes at a few ranks: the step against the bare SGD step, and
+the seconds spent waiting on collectives, beside what the cost model's alpha gives for them.
+
+``python -m benchmarks.step_waits --workers 2``: gloo ranks on loopback (no rate limit) train
+the network benchmark's CNN on random data, one method after the other; per method, rank 0's
+median step (zero_grad + forward + backward + step), the collectives per step, the median
+seconds per step spent in their ``wait()`` and the latency the model charges them (alpha from
+:func:`gradzip.plan.calibrate.measure_link` on the same ranks, each collective at its
+algorithm's count of messages). A wait longer than the model's latency is time the model
+does not see: rank skew, and the backend's thread sharing the core with backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+METHODS = ("plain", "none", "onebit", "topk:ratio=0.01")
+
+
+def _rank(rank: int, world: int, port: int, methods: list[str], steps: int, queue: Any) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    import gradzip
+    from benchmarks.models import SmallCNN
+    from gradzip.allreduce import torch_dist
+    from gradzip.allreduce.torch_dist import TorchDistBackend
+    from gradzip.plan.calibrate import measure_link
+    from gradzip.plan.model import allgather, dense_allreduce
+
+    waited = [0.0, 0]  # seconds in wait(), collectives waited on
+    inner = torch_dist._TorchWork.wait
+
+    def timed_wait(self: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return inner(self)
+        finally:
+            waited[0] += time.perf_counter() - start
+            waited[1] += 1
+
+    torch_dist._TorchWork.wait = timed_wait  # type: ignore[method-assign]
+    backend = TorchDistBackend()
+    link = measure_link(backend)
+    gen = torch.Generator().manual_seed(rank)
+    x, y = torch.randn(32, 1, 28, 28, generator=gen), torch.randint(0, 10, (32,), generator=gen)
+    rows = []
+    for spec in methods:
+        torch.manual_seed(0)
+        model = SmallCNN((1, 28, 28), 10)
+        opt: Any = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        if spec != "plain":
+            opt = gradzip.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                               compression=spec, backend=backend, dense_steps=0)
+        times, waits, calls = [], [], []
+        for _ in range(steps):
+            dist.barrier()
+            waited[0], waited[1] = 0.0, 0
+            start = time.perf_counter()
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            times.append(time.perf_counter() - start)
+            waits.append(waited[0])
+            calls.append(waited[1])
+        skip = steps // 5
+        rows.append((spec, statistics.median(times[skip:]), statistics.median(waits[skip:]),
+                     statistics.median(calls[skip:])))
+    if rank == 0:
+        queue.put((link.alpha, rows,
+                   allgather(link, world, 0), dense_allreduce(link, world, 64)))
+    dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--port", type=int, default=29611)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    args = ap.parse_args(argv)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    mp.start_processes(_rank, args=(args.workers, args.port, args.methods, args.steps, queue),
+                       nprocs=args.workers, start_method="spawn")
+    alpha, rows, ag_latency, ar_latency = queue.get()
+    print(f"{args.workers} gloo ranks on loopback, the benchmark CNN, {args.steps} steps per "
+          f"method (medians after the first {args.steps // 5}); alpha {alpha * 1e6:.0f} us: "
+          f"an allgather's latency {ag_latency * 1e3:.2f} ms, a small allreduce's "
+          f"{ar_latency * 1e3:.2f} ms in the model")
+    print()
+    print("| method | step ms | / plain | collectives waited per step | waiting ms per step |")
+    print("|---|---|---|---|---|")
+    plain = next((r[1] for r in rows if r[0] == "plain"), None)
+    for spec, step, wait, calls in rows:
+        ratio = f"{step / plain:.2f}" if plain else "-"
+        print(f"| {spec} | {step * 1e3:.2f} | {ratio} | {calls:.0f} | {wait * 1e3:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
