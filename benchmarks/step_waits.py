@@ -1,13 +1,15 @@
 """Where a compressed step's time goes at a few ranks: the step against the bare SGD step, and
-the seconds spent waiting on collectives, beside what the cost model's alpha gives for them.
+the seconds spent launching and waiting on collectives, beside what the cost model's alpha
+gives for them.
 
 ``python -m benchmarks.step_waits --workers 2``: gloo ranks on loopback (no rate limit) train
 the network benchmark's CNN on random data, one method after the other; per method, rank 0's
 median step (zero_grad + forward + backward + step), the collectives per step, the median
-seconds per step spent in their ``wait()`` and the latency the model charges them (alpha from
+seconds per step spent in their ``wait()`` and in launching them, and what is left of the step
+over the bare one; beside them the latency the model charges a collective (alpha from
 :func:`gradzip.plan.calibrate.measure_link` on the same ranks, each collective at its
-algorithm's count of messages). A wait longer than the model's latency is time the model
-does not see: rank skew, and the backend's thread sharing the core with backward.
+algorithm's count of messages). ``--blocking`` waits on each collective where it is launched,
+so that nothing overlaps backward. Results: ``results/step_waits.md``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import torch.nn.functional as F
 METHODS = ("plain", "none", "onebit", "topk:ratio=0.01")
 
 
-def _rank(rank: int, world: int, port: int, methods: list[str], steps: int, queue: Any) -> None:
+def _rank(rank: int, world: int, port: int, methods: list[str], steps: int, blocking: bool,
+          queue: Any) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -38,8 +41,19 @@ def _rank(rank: int, world: int, port: int, methods: list[str], steps: int, queu
     from gradzip.plan.calibrate import measure_link
     from gradzip.plan.model import allgather, dense_allreduce
 
-    waited = [0.0, 0]  # seconds in wait(), collectives waited on
+    waited = [0.0, 0, 0.0]  # seconds in wait(), collectives waited on, seconds launching
     inner = torch_dist._TorchWork.wait
+    launch = TorchDistBackend._call
+
+    def timed_call(self: Any, what: str, fn: Any, *a: Any, **kw: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            work = launch(self, what, fn, *a, **kw)
+            if blocking and kw.get("async_op"):
+                work.wait()  # nothing overlaps: each collective done where it is launched
+            return work
+        finally:
+            waited[2] += time.perf_counter() - start
 
     def timed_wait(self: Any) -> Any:
         start = time.perf_counter()
@@ -50,6 +64,7 @@ def _rank(rank: int, world: int, port: int, methods: list[str], steps: int, queu
             waited[1] += 1
 
     torch_dist._TorchWork.wait = timed_wait  # type: ignore[method-assign]
+    TorchDistBackend._call = timed_call  # type: ignore[method-assign]
     backend = TorchDistBackend()
     link = measure_link(backend)
     gen = torch.Generator().manual_seed(rank)
@@ -62,10 +77,10 @@ def _rank(rank: int, world: int, port: int, methods: list[str], steps: int, queu
         if spec != "plain":
             opt = gradzip.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
                                                compression=spec, backend=backend, dense_steps=0)
-        times, waits, calls = [], [], []
+        times, waits, calls, launches = [], [], [], []
         for _ in range(steps):
             dist.barrier()
-            waited[0], waited[1] = 0.0, 0
+            waited[0], waited[1], waited[2] = 0.0, 0, 0.0
             start = time.perf_counter()
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
@@ -73,12 +88,14 @@ def _rank(rank: int, world: int, port: int, methods: list[str], steps: int, queu
             times.append(time.perf_counter() - start)
             waits.append(waited[0])
             calls.append(waited[1])
+            launches.append(waited[2])
         skip = steps // 5
         rows.append((spec, statistics.median(times[skip:]), statistics.median(waits[skip:]),
-                     statistics.median(calls[skip:])))
+                     statistics.median(calls[skip:]), statistics.median(launches[skip:])))
     if rank == 0:
         queue.put((link.alpha, rows,
                    allgather(link, world, 0), dense_allreduce(link, world, 64)))
+    dist.barrier()  # no rank leaves while another still talks to it (gloo aborts then)
     dist.destroy_process_group()
 
 
@@ -88,23 +105,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--port", type=int, default=29611)
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--blocking", action="store_true",
+                    help="wait on every collective where it is launched (no overlap with "
+                         "backward; its time then counts as launching)")
     args = ap.parse_args(argv)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    mp.start_processes(_rank, args=(args.workers, args.port, args.methods, args.steps, queue),
+    mp.start_processes(_rank, args=(args.workers, args.port, args.methods, args.steps,
+                                     args.blocking, queue),
                        nprocs=args.workers, start_method="spawn")
     alpha, rows, ag_latency, ar_latency = queue.get()
     print(f"{args.workers} gloo ranks on loopback, the benchmark CNN, {args.steps} steps per "
-          f"method (medians after the first {args.steps // 5}); alpha {alpha * 1e6:.0f} us: "
+          f"method (medians after the first {args.steps // 5})"
+          f"{', every collective waited on where launched' if args.blocking else ''}; "
+          f"alpha {alpha * 1e6:.0f} us: "
           f"an allgather's latency {ag_latency * 1e3:.2f} ms, a small allreduce's "
           f"{ar_latency * 1e3:.2f} ms in the model")
     print()
-    print("| method | step ms | / plain | collectives waited per step | waiting ms per step |")
-    print("|---|---|---|---|---|")
+    print("| method | step ms | / plain | collectives waited per step | waiting ms per step "
+          "| launching ms per step | rest over plain, ms |")
+    print("|---|---|---|---|---|---|---|")
     plain = next((r[1] for r in rows if r[0] == "plain"), None)
-    for spec, step, wait, calls in rows:
+    for spec, step, wait, calls, launched in rows:
         ratio = f"{step / plain:.2f}" if plain else "-"
-        print(f"| {spec} | {step * 1e3:.2f} | {ratio} | {calls:.0f} | {wait * 1e3:.2f} |")
+        rest = f"{(step - plain - wait - launched) * 1e3:.2f}" if plain else "-"
+        print(f"| {spec} | {step * 1e3:.2f} | {ratio} | {calls:.0f} | {wait * 1e3:.2f} "
+              f"| {launched * 1e3:.2f} | {rest} |")
     return 0
 
 
