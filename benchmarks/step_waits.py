@@ -30,7 +30,7 @@ METHODS = ("plain", "none", "onebit", "topk:ratio=0.01")
 
 
 def _rank(rank: int, world: int, port: int, methods: list[str], steps: int, blocking: bool,
-          queue: Any) -> None:
+          link_calls: int, queue: Any) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -66,6 +66,9 @@ def _rank(rank: int, world: int, port: int, methods: list[str], steps: int, bloc
     torch_dist._TorchWork.wait = timed_wait  # type: ignore[method-assign]
     TorchDistBackend._call = timed_call  # type: ignore[method-assign]
     backend = TorchDistBackend()
+    # alpha of back-to-back calibrations: the smallest message timed 5 times, then 25
+    alphas = {r: [measure_link(backend, latency_repeats=r).alpha for _ in range(link_calls)]
+              for r in (5, 25)}
     link = measure_link(backend)
     gen = torch.Generator().manual_seed(rank)
     x, y = torch.randn(32, 1, 28, 28, generator=gen), torch.randint(0, 10, (32,), generator=gen)
@@ -94,7 +97,7 @@ def _rank(rank: int, world: int, port: int, methods: list[str], steps: int, bloc
                      statistics.median(calls[skip:]), statistics.median(launches[skip:])))
     if rank == 0:
         queue.put((link.alpha, rows,
-                   allgather(link, world, 0), dense_allreduce(link, world, 64)))
+                   allgather(link, world, 0), dense_allreduce(link, world, 64), alphas))
     dist.barrier()  # no rank leaves while another still talks to it (gloo aborts then)
     dist.destroy_process_group()
 
@@ -105,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--port", type=int, default=29611)
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--link-calls", type=int, default=0,
+                    help="first, this many back-to-back link calibrations with the latency "
+                         "message timed 5 and 25 times: the alpha of each")
     ap.add_argument("--blocking", action="store_true",
                     help="wait on every collective where it is launched (no overlap with "
                          "backward; its time then counts as launching)")
@@ -112,9 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     mp.start_processes(_rank, args=(args.workers, args.port, args.methods, args.steps,
-                                     args.blocking, queue),
+                                     args.blocking, args.link_calls, queue),
                        nprocs=args.workers, start_method="spawn")
-    alpha, rows, ag_latency, ar_latency = queue.get()
+    alpha, rows, ag_latency, ar_latency, alphas = queue.get()
+    for r, values in alphas.items():
+        if values:
+            shown = ", ".join(f"{1e6 * a:.0f}" for a in values)
+            print(f"alpha of {len(values)} calibrations in a row, the latency message timed "
+                  f"{r} times (us): {shown}")
     print(f"{args.workers} gloo ranks on loopback, the benchmark CNN, {args.steps} steps per "
           f"method (medians after the first {args.steps // 5})"
           f"{', every collective waited on where launched' if args.blocking else ''}; "
