@@ -72,26 +72,30 @@ def _median_time(fn: Callable[[], object], repeats: int) -> float:
 
 
 def measure_link(
-    backend: Backend, sizes: Sequence[int] = (64, 1 << 20, 1 << 22), repeats: int = 5
+    backend: Backend, sizes: Sequence[int] = (64, 1 << 20, 1 << 22), repeats: int = 5,
+    latency_repeats: int = 25,
 ) -> Link:
     """The link's ``alpha`` and ``beta`` from allgathers of ``sizes`` bytes per rank (the
-    slowest rank's time of each, so identical on every rank): ``alpha`` from the smallest
-    message, ``beta`` from the slope between the two largest (a rate limiter's burst lets
-    small messages through at line rate, so a line fitted through all of them would mistake
-    the burst for latency). One rank: a link of zero cost."""
+    slowest rank's median time of each, so identical on every rank): ``alpha`` from the
+    smallest message, timed ``latency_repeats`` times (it costs next to nothing, and in eight
+    calibrations in a row on a shared 2-core machine the median of 5 spread 0.23-2.2 ms at 2
+    ranks, that of 25 0.14-0.33 ms: ``benchmarks/results/step_waits.md``), ``beta`` from the slope
+    between the two largest, ``repeats`` times each (a rate limiter's burst lets small
+    messages through at line rate, so a line fitted through all of them would mistake the
+    burst for latency). One rank: a link of zero cost."""
     if len(sizes) < 3 or sorted(sizes) != list(sizes) or len(set(sizes)) != len(sizes):
         raise ValueError(f"sizes={sizes!r}: expected at least three increasing sizes")
     p = backend.size
     if p == 1:
         return Link(0.0, 0.0)
     times = []
-    for size in sizes:
+    for k, size in enumerate(sizes):
         buf = torch.zeros(size, dtype=torch.uint8, device=backend.device)
 
         def gather(b: torch.Tensor = buf) -> object:
             return backend.allgather(b, same_size=True).wait()
 
-        times.append(_median_time(gather, repeats))
+        times.append(_median_time(gather, latency_repeats if k == 0 else repeats))
     slowest = backend.allreduce(
         torch.tensor(times, dtype=torch.float64, device=backend.device), ReduceOp.MAX
     ).wait()
