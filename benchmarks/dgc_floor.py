@@ -1,8 +1,8 @@
 """DGC's payload ratio on each benchmark model for several ``min_values`` floors (no training).
 
 ``python -m benchmarks.dgc_floor``: dense bytes / bytes of DGC 0.1%'s payloads, as
-:func:`gradzip.plan.layout.payload_size` counts them, with tensors under the optimizer's
-``min_compress_numel`` sent dense (results/dgc_min_values.md).
+:func:`gradzip.plan.layout.buckets` lays them out (the optimizer's own policy: tensors under
+its ``min_compress_numel`` sent dense; results/dgc_min_values.md).
 """
 
 from __future__ import annotations
@@ -13,20 +13,15 @@ from torch import nn
 
 from benchmarks.accuracy_tasks import CharLSTM
 from benchmarks.models import MLP, SmallCNN
-from gradzip.hooks.policy import DEFAULT_MIN_COMPRESS_NUMEL
-from gradzip.plan.layout import payload_size
+from gradzip.plan.layout import buckets, from_module
 
 
 def ratio(model: nn.Module, spec: str) -> float:
-    """Dense bytes over payload bytes of ``model``'s parameters under ``spec``."""
-    dense = sent = 0
-    for p in model.parameters():
-        dense += p.numel() * p.element_size()
-        if p.numel() < DEFAULT_MIN_COMPRESS_NUMEL:
-            sent += p.numel() * p.element_size()
-        else:
-            sent += payload_size(spec, tuple(p.shape), p.dtype)[0]
-    return dense / sent
+    """Dense bytes over payload bytes of ``model``'s parameters under ``spec``, laid out in
+    buckets as the optimizer lays them out (its policy keeps small tensors dense)."""
+    tensors = from_module(model)
+    sent = sum(bucket.payload for _, bucket in buckets(tensors, spec))
+    return sum(t.nbytes for t in tensors) / sent
 
 
 def main() -> None:
