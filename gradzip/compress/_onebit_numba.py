@@ -67,7 +67,7 @@ def _run_add_stats(r: np.ndarray, g: np.ndarray) -> tuple[float, float, int, flo
     """``r += g``; fp32 (sum of r >= 0, sum of r < 0), count of r < 0 and ``sum(r - r)``."""
     pos = np.float32(0.0)
     neg = np.float32(0.0)
-    cnt = 0
+    cnt = np.float32(0.0)  # a float count (exact below 2**24) keeps the loop in fp32 lanes
     chk = np.float32(0.0)
     for i in range(r.size):
         v = r[i] + g[i]
@@ -76,8 +76,8 @@ def _run_add_stats(r: np.ndarray, g: np.ndarray) -> tuple[float, float, int, flo
         is_neg = v < 0
         pos += v if not is_neg else np.float32(0.0)
         neg += v if is_neg else np.float32(0.0)
-        cnt += is_neg
-    return pos, neg, cnt, chk
+        cnt += np.float32(1.0) if is_neg else np.float32(0.0)
+    return pos, neg, int(cnt), chk
 
 
 @_jit(fast=True)
@@ -88,7 +88,7 @@ def _run_add_stats_to(
     A kernel of its own: one that might write its input would lose the vectorised loop."""
     pos = np.float32(0.0)
     neg = np.float32(0.0)
-    cnt = 0
+    cnt = np.float32(0.0)  # a float count (exact below 2**24) keeps the loop in fp32 lanes
     chk = np.float32(0.0)
     for i in range(r.size):
         v = r[i] + g[i]
@@ -97,8 +97,8 @@ def _run_add_stats_to(
         is_neg = v < 0
         pos += v if not is_neg else np.float32(0.0)
         neg += v if is_neg else np.float32(0.0)
-        cnt += is_neg
-    return pos, neg, cnt, chk
+        cnt += np.float32(1.0) if is_neg else np.float32(0.0)
+    return pos, neg, int(cnt), chk
 
 
 @_jit(fast=True)
@@ -169,7 +169,7 @@ def _run_stats(x: np.ndarray) -> tuple[float, float, int, float]:
     """fp32 (sum of x >= 0, sum of x < 0), count of x < 0 and ``sum(x - x)``, read-only."""
     pos = np.float32(0.0)
     neg = np.float32(0.0)
-    cnt = 0
+    cnt = np.float32(0.0)  # a float count (exact below 2**24) keeps the loop in fp32 lanes
     chk = np.float32(0.0)
     for i in range(x.size):
         v = x[i]
@@ -177,8 +177,8 @@ def _run_stats(x: np.ndarray) -> tuple[float, float, int, float]:
         is_neg = v < 0
         pos += v if not is_neg else np.float32(0.0)
         neg += v if is_neg else np.float32(0.0)
-        cnt += is_neg
-    return pos, neg, cnt, chk
+        cnt += np.float32(1.0) if is_neg else np.float32(0.0)
+    return pos, neg, int(cnt), chk
 
 
 @_jit()
