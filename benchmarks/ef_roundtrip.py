@@ -12,8 +12,13 @@ through the same dispatch the optimizer uses (:mod:`gradzip.compress.kernels`):
   ``kernels.decompress_sum`` for GATHER methods, a zeroed tensor and ``desparsify_into``
   for SPARSE ones, ``decompress`` for the others.
 
-Each is timed against ``g.clone()`` in the same run (one thread, minimum and median of the
-repeats), at several sizes. The **floor** column is the memory traffic a round trip cannot
+Each is timed against ``g.clone()`` in the same run, one thread, at several sizes: the clone
+and the round trip alternate call by call (:func:`paired_times`), so that both see the same
+state of a shared machine (on the 2-core machine of the project a clone of 2**22 elements
+took 0.7 ms on one day and 3-4 ms on another); the median ratio is the median of the
+call-by-call ratios, the minimum one the ratio of the minima.
+
+The **floor** column is the memory traffic a round trip cannot
 avoid, in units of the clone's (read ``4n`` + write ``4n`` bytes): the state it must read and
 write, the payload, and the dense result of the receive side. It is the ratio an ideal
 implementation would reach where memory bandwidth alone sets the time.
@@ -29,7 +34,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -38,9 +45,9 @@ import torch
 import gradzip
 from benchmarks.report import Cell, machine_line, markdown_table
 from gradzip.compress.base import Compressor
-from gradzip.plan.calibrate import RoundTrip, call_times
+from gradzip.plan.calibrate import RoundTrip
 
-__all__ = ["SPECS", "floor", "main", "round_trip", "run"]
+__all__ = ["SPECS", "floor", "main", "paired_times", "round_trip", "run"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,9 +86,25 @@ def round_trip(spec: str, grad: torch.Tensor) -> Callable[[], torch.Tensor]:
     return RoundTrip(gradzip.compressor(spec), grad)
 
 
-def _times(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Minimum and median seconds of ``fn`` over ``repeats`` runs after two warm-up runs."""
-    return call_times(fn, repeats, warmup=2)
+def paired_times(
+    fn: Callable[[], object], base: Callable[[], object], repeats: int, warmup: int = 2
+) -> tuple[list[float], list[float]]:
+    """Seconds of ``base`` and of ``fn``, called alternately ``repeats`` times each (``base``
+    first) after ``warmup`` calls of each: ``(base times, fn times)``, in call order."""
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats}: expected at least 1")
+    for _ in range(warmup):
+        base()
+        fn()
+    base_t, fn_t = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        base()
+        mid = time.perf_counter()
+        fn()
+        base_t.append(mid - start)
+        fn_t.append(time.perf_counter() - mid)
+    return base_t, fn_t
 
 
 @contextlib.contextmanager
@@ -100,33 +123,34 @@ def _numba(on: bool) -> Iterator[None]:
 def run(
     sizes: Sequence[int], specs: Sequence[str], repeats: int, torch_path: bool = False
 ) -> list[list[Cell]]:
-    """One row per (size, spec): clone ms, round trip ms, ratios (min, median), floor,
+    """One row per (size, spec): clone ms, round trip ms (medians of the paired calls), ratios
+    (of the minima; median of the call-by-call ratios), floor,
     target and whether it is met (at ``2**22``), and the torch path's median ratio."""
     rows: list[list[Cell]] = []
     for log2 in sizes:
         n = 1 << log2
         gen = torch.Generator().manual_seed(log2)
         grad = torch.randn(n, generator=gen)
-        clone_min, clone_med = _times(grad.clone, repeats)
         for spec in specs:
             case = RoundTrip(gradzip.compressor(spec), grad)
-            t_min, t_med = _times(case, repeats)
+            clone_t, trip_t = paired_times(case, grad.clone, repeats)
+            clone_med, t_med = statistics.median(clone_t), statistics.median(trip_t)
+            ratio = statistics.median(t / c for t, c in zip(trip_t, clone_t, strict=True))
             payload, _ = case.send()
             lo = floor(case.comp, n, payload.nbytes)
             base = spec.split(":")[0]
             target = TARGETS.get(base) if log2 == 22 else None
-            ratio = t_med / clone_med
             met = "" if target is None else ("yes" if ratio <= target else "no")
             row: list[Cell] = [
                 f"2**{log2}", spec, round(clone_med * 1e3, 3), round(t_med * 1e3, 3),
-                round(t_min / clone_min, 2), round(ratio, 2), round(lo, 2),
+                round(min(trip_t) / min(clone_t), 2), round(ratio, 2), round(lo, 2),
                 "" if target is None else target, met,
             ]
             if torch_path:
                 with _numba(False):
                     slow = RoundTrip(gradzip.compressor(spec), grad)
-                    _, s_med = _times(slow, max(3, repeats // 3))
-                row.append(round(s_med / clone_med, 1))
+                    c_t, s_t = paired_times(slow, grad.clone, max(3, repeats // 3))
+                row.append(round(statistics.median(s_t) / statistics.median(c_t), 1))
             rows.append(row)
             print(" | ".join(str(c) for c in row), flush=True)
     return rows
