@@ -9,7 +9,10 @@ seconds per step spent in their ``wait()`` and in launching them, and what is le
 over the bare one; beside them the latency the model charges a collective (alpha from
 :func:`gradzip.plan.calibrate.measure_link` on the same ranks, each collective at its
 algorithm's count of messages). ``--blocking`` waits on each collective where it is launched,
-so that nothing overlaps backward. Results: ``results/step_waits.md``.
+so that nothing overlaps backward. Per step, also the CPU seconds of rank 0's main thread and
+of its other threads (gloo's, torch's), from ``time.thread_time`` and ``time.process_time``.
+``--methods`` takes ``plain`` (the bare SGD step), ``ddp`` (torch's DistributedDataParallel)
+and gradzip specs. Results: ``results/step_waits.md``.
 """
 
 from __future__ import annotations
@@ -77,24 +80,31 @@ def _rank(rank: int, world: int, port: int, methods: list[str], steps: int, bloc
         torch.manual_seed(0)
         model = SmallCNN((1, 28, 28), 10)
         opt: Any = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        if spec != "plain":
+        if spec == "ddp":  # torch's own data parallelism, for comparison
+            model = torch.nn.parallel.DistributedDataParallel(model)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        elif spec != "plain":
             opt = gradzip.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
                                                compression=spec, backend=backend, dense_steps=0)
-        times, waits, calls, launches = [], [], [], []
+        times, waits, calls, launches, cpu_main, cpu_all = [], [], [], [], [], []
         for _ in range(steps):
             dist.barrier()
             waited[0], waited[1], waited[2] = 0.0, 0, 0.0
+            t_main, t_all = time.thread_time(), time.process_time()
             start = time.perf_counter()
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             opt.step()
             times.append(time.perf_counter() - start)
+            cpu_main.append(time.thread_time() - t_main)
+            cpu_all.append(time.process_time() - t_all)
             waits.append(waited[0])
             calls.append(waited[1])
             launches.append(waited[2])
         skip = steps // 5
         rows.append((spec, statistics.median(times[skip:]), statistics.median(waits[skip:]),
-                     statistics.median(calls[skip:]), statistics.median(launches[skip:])))
+                     statistics.median(calls[skip:]), statistics.median(launches[skip:]),
+                     statistics.median(cpu_main[skip:]), statistics.median(cpu_all[skip:])))
     if rank == 0:
         queue.put((link.alpha, rows,
                    allgather(link, world, 0), dense_allreduce(link, world, 64), alphas))
@@ -134,14 +144,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{ar_latency * 1e3:.2f} ms in the model")
     print()
     print("| method | step ms | / plain | collectives waited per step | waiting ms per step "
-          "| launching ms per step | rest over plain, ms |")
-    print("|---|---|---|---|---|---|---|")
+          "| launching ms per step | rest over plain, ms | CPU ms, main thread | CPU ms, "
+          "other threads |")
+    print("|---|---|---|---|---|---|---|---|---|")
     plain = next((r[1] for r in rows if r[0] == "plain"), None)
-    for spec, step, wait, calls, launched in rows:
+    for spec, step, wait, calls, launched, main_cpu, all_cpu in rows:
         ratio = f"{step / plain:.2f}" if plain else "-"
         rest = f"{(step - plain - wait - launched) * 1e3:.2f}" if plain else "-"
         print(f"| {spec} | {step * 1e3:.2f} | {ratio} | {calls:.0f} | {wait * 1e3:.2f} "
-              f"| {launched * 1e3:.2f} | {rest} |")
+              f"| {launched * 1e3:.2f} | {rest} | {main_cpu * 1e3:.2f} "
+              f"| {(all_cpu - main_cpu) * 1e3:.2f} |")
     return 0
 
 
