@@ -341,8 +341,8 @@ def _decode_run(
 
     A flat bucket decodes through ``nibbles`` (16 x 4 fp32): row ``b`` holds the four values
     that the four sign bits of ``b`` stand for, so each byte is two copies of four values (a
-    select per element does not vectorise and ran 5x slower). Column groups take a select per
-    element from the scales seen as (pos, neg) rows."""
+    select per element does not vectorise and ran 5x slower). Column groups read
+    ``s[2 * c + bit]`` element by element."""
     if cols == 0:
         pos = s[2 * g0]
         neg = s[2 * g0 + 1]
